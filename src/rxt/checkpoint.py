@@ -1,0 +1,194 @@
+"""Saving and loading models in the Hugging Face directory layout — safetensors only, never pickle.
+
+A model directory holds ``config.json``, ``model.safetensors`` and, when a tokenizer is attached,
+``tokenizer.json``. Loading checks that the tensors in the file are exactly those the config
+describes (names and shapes) and reports every mismatch with the file it came from; a truncated
+or corrupt file is reported as such instead of surfacing a parser error. Writes go to a temporary
+file first and are renamed into place, so an interrupted save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rxt.config import CONFIG_FILE, RxTConfig
+
+if TYPE_CHECKING:
+    from rxt.model.reactive_transformer import ReactiveTransformer
+
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT_VERSION = "1"
+_PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be loaded; the message names the file and what is wrong."""
+
+
+def _state(model: ReactiveTransformer) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same storage as embed.weight; stored once
+    return state
+
+
+def _tensors_to_save(model: ReactiveTransformer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in _state(model).items()}
+
+
+def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory)
+    weights = directory / WEIGHTS_FILE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        metadata = {"format": "pt", "rxt_format_version": FORMAT_VERSION}
+        save_file(_tensors_to_save(model), tmp, metadata=metadata)
+        os.replace(tmp, weights)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = fh.get_tensor(name)
+        return tensors
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: cannot read safetensors data, the file is truncated or corrupt ({exc})"
+        ) from None
+
+
+def _check_tensors(
+    path: Path, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_short(unexpected)}")
+    for name in sorted(set(found) & set(expected)):
+        if tuple(found[name].shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name}: shape {tuple(found[name].shape)} in file, "
+                f"{tuple(expected[name].shape)} expected from config.json"
+            )
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match its config.json: "
+            + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        )
+
+
+def _short(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _resolve(path: str | os.PathLike, revision: str | None, local_files_only: bool) -> Path:
+    """A local directory, or a Hub repo id downloaded (or found in the local cache)."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local}: expected a model directory, found a file")
+    text = os.fspath(path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{text}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id=text,
+                revision=revision,
+                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "*.md"],
+                local_files_only=local_files_only,
+            )
+        )
+    except Exception as exc:  # hub errors are many types; all mean "not available"
+        raise FileNotFoundError(
+            f"{text}: not a local directory, and not available from the Hugging Face Hub "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def load_pretrained(
+    cls: type[ReactiveTransformer],
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> ReactiveTransformer:
+    directory = _resolve(path, revision, local_files_only)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = [name for name in _PICKLE_FILES if (directory / name).exists()]
+        hint = (
+            f" (found {pickled[0]}: pickle checkpoints are not loaded, for safety; "
+            "convert it to safetensors)"
+            if pickled
+            else ""
+        )
+        raise FileNotFoundError(f"{weights}: no such file{hint}")
+    config = RxTConfig.load(directory / CONFIG_FILE)
+    found = _read_weights(weights)
+    with torch.device("meta"):
+        skeleton = cls(config)
+    _check_tensors(weights, found, _state(skeleton))
+
+    model = cls(config)
+    missing, unexpected = model.load_state_dict(found, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:  # _check_tensors should have caught it
+        raise CheckpointError(f"{weights}: state mismatch {missing} {unexpected}")
+    if (directory / TOKENIZER_FILE).is_file():
+        from rxt.tokenizer import RxTTokenizer
+
+        model.tokenizer = RxTTokenizer.from_file(directory / TOKENIZER_FILE)
+        if model.tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(
+                f"{directory / TOKENIZER_FILE}: tokenizer has {model.tokenizer.vocab_size} "
+                f"tokens but config.json vocab_size is {config.vocab_size}"
+            )
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def push_to_hub(
+    model: ReactiveTransformer,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload rxt model",
+) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

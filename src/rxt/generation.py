@@ -1,0 +1,60 @@
+"""Greedy generation of one answer from a query and an STM (paper §4, steps 1–2).
+
+This is the minimal synchronous reference loop: memory K/V projected once, the prompt prefilled,
+then one cached step per token with no host sync other than the end-of-answer check. The event-
+driven engine (streaming, sampling, batching, asynchronous memory update) builds on the same
+model calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rxt.model.reactive_transformer import ReactiveTransformer
+
+
+@torch.no_grad()
+def greedy_answer(
+    model: ReactiveTransformer,
+    prompt_ids: torch.Tensor,
+    stm: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    use_cache: bool = True,
+) -> list[int]:
+    """Answer token ids (ending with ``eos_id`` if produced) for ``prompt_ids: (1, T)``.
+
+    ``use_cache=False`` recomputes the whole turn at every step; it exists so tests can check
+    that cached decoding gives the same answer.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be (1, T), got {tuple(prompt_ids.shape)}")
+    limit = model.config.max_seq_len - prompt_ids.shape[1]
+    if max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit: the prompt has "
+            f"{prompt_ids.shape[1]} tokens and max_seq_len is {model.config.max_seq_len}"
+        )
+    memory = model.memory_kv(stm)
+    answer: list[int] = []
+    if use_cache:
+        cache = model.new_kv_cache(1, capacity=prompt_ids.shape[1] + max_new_tokens)
+        logits = model.decode(prompt_ids, memory_kv=memory, kv_cache=cache, last_only=True)
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            answer.append(int(token))
+            if answer[-1] == eos_id or len(answer) == max_new_tokens:
+                break
+            logits = model.decode(
+                token, memory_kv=memory, kv_cache=cache, last_only=True, check_inputs=False
+            )
+        return answer
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        token = model.decode(ids, memory_kv=memory, last_only=True)[:, -1].argmax(-1)
+        answer.append(int(token))
+        if answer[-1] == eos_id:
+            break
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return answer

@@ -1,0 +1,72 @@
+"""Memory encoder (paper §3): bidirectional, dense FFN, no memory access.
+
+It reads the finished interaction concat(X_t, Y_t) and returns the hidden state after every
+layer — the Encoded Data ED_t ``(B, L, T, d)`` that the memory-attention network writes into
+STM. Stages 1–2 train it with an MLM head that inference never uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rxt.config import RxTConfig
+from rxt.model.attention import Attention, padding_mask
+from rxt.model.feedforward import SwiGLU
+from rxt.model.norm import RMSNorm
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: RxTConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.norm_attn = RMSNorm(d, config.norm_eps)
+        self.self_attn = Attention(
+            d,
+            config.encoder.self_attention,
+            rope_queries=True,
+            rope_keys=True,
+            max_positions=config.max_seq_len,
+            rope_theta=config.rope_theta,
+        )
+        self.norm_ffn = RMSNorm(d, config.norm_eps)
+        self.ffn = SwiGLU(d, config.encoder.ffn_dim)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = self.norm_attn(x)
+        x = x + self.self_attn(h, q_positions=positions, kv_positions=positions, mask=mask)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class MemoryEncoder(nn.Module):
+    def __init__(self, config: RxTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: (B, T, d)`` embeddings, ``attention_mask: (B, T)`` with right padding.
+        Returns ED ``(B, L, T, d)``."""
+        t = x.shape[1]
+        positions = torch.arange(t, device=x.device)
+        mask = None
+        if attention_mask is not None:
+            mask = padding_mask(attention_mask, t, causal=False)
+        states = []
+        for layer in self.layers:
+            x = layer(x, positions, mask)
+            states.append(x)
+        return torch.stack(states, dim=1)
+
+
+class MLMHead(nn.Module):
+    """Masked-LM head for stages 1–2: norm → linear to the vocabulary."""
+
+    def __init__(self, config: RxTConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(hidden))
