@@ -1,5 +1,6 @@
 """The command line: `rxt info`, `rxt demo --quick`, `python -m rxt`, user errors."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_demo_quick_writes_a_loadable_model_and_per_turn_records(tmp_path, capsy
     assert max(t["prompt_tokens"] for t in turns) < turns[-1]["stateless_prompt_tokens"]
     assert all(
         t["stateless_prompt_tokens"] > p["stateless_prompt_tokens"]
-        for p, t in zip(turns, turns[1:], strict=False)
+        for p, t in itertools.pairwise(turns)
     )
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
     assert model.tokenizer is not None

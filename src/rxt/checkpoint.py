@@ -44,22 +44,51 @@ def _tensors_to_save(model: ReactiveTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in _state(model).items()}
 
 
+def _temp_path(directory: Path, name: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
 def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) -> None:
+    """Write every file under a temporary name first and rename them into place only once all
+    are complete: an error while writing (disk full, bad tensor) leaves the previous model in
+    ``directory`` untouched — its weights *and* its config.json, which must stay a pair."""
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        # Refuse here rather than write a checkpoint that from_pretrained would reject.
+        raise ValueError(
+            f"the attached tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size "
+            f"is {model.config.vocab_size}"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save(directory)
-    weights = directory / WEIGHTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(fd)
+    staged: list[tuple[str, Path]] = []
     try:
+        tmp = _temp_path(directory, WEIGHTS_FILE)
+        staged.append((tmp, directory / WEIGHTS_FILE))
         metadata = {"format": "pt", "rxt_format_version": FORMAT_VERSION}
         save_file(_tensors_to_save(model), tmp, metadata=metadata)
-        os.replace(tmp, weights)
+
+        tmp = _temp_path(directory, CONFIG_FILE)
+        staged.append((tmp, directory / CONFIG_FILE))
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(model.config.to_json() + "\n")
+
+        if tokenizer is not None:
+            tmp = _temp_path(directory, TOKENIZER_FILE)
+            staged.append((tmp, directory / TOKENIZER_FILE))
+            tokenizer.save(tmp)
+
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        if tokenizer is None:
+            # A tokenizer.json left from an earlier save would be attached to this model on load.
+            (directory / TOKENIZER_FILE).unlink(missing_ok=True)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(directory)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

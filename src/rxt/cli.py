@@ -33,16 +33,20 @@ def cmd_info(preset: str | None, as_json: bool, query_tokens: int, answer_tokens
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{'preset':<12} {'total':>12} {'inference':>12} {'active/token':>13} "
-          f"{'prompt GFLOP':>13} {'update GFLOP':>13}")
+    print(
+        f"{'preset':<12} {'total':>12} {'inference':>12} {'active/token':>13} "
+        f"{'prompt GFLOP':>13} {'update GFLOP':>13}"
+    )
     for name, entry in report.items():
         p, f = entry["parameters"], entry["turn_flops"]
         print(
             f"{name:<12} {p['total']:>12,} {p['inference']:>12,} {p['active_per_token']:>13,} "
             f"{(f['memory_kv'] + f['prefill']) / 1e9:>13.4f} {f['memory_update'] / 1e9:>13.4f}"
         )
-    print(f"(FLOPs for a {query_tokens}-token query and a {answer_tokens}-token answer; "
-          "independent of the turn number)")
+    print(
+        f"(FLOPs for a {query_tokens}-token query and a {answer_tokens}-token answer; "
+        "independent of the turn number)"
+    )
     return 0
 
 

@@ -266,9 +266,13 @@ class RxTConfig(_Validated):
         self.memory.attention.check("memory.attention.", self.d_model)
         _positive("decoder.ffn_dim", self.decoder.ffn_dim)
         _positive("encoder.ffn_dim", self.encoder.ffn_dim)
+        # Every attention rotates something: self-attention queries and keys, memory
+        # cross-attention the decoder's queries, the memory write the keys of ED (rope.py).
         for path, att in (
             ("decoder.self_attention", self.decoder.self_attention),
+            ("decoder.cross_attention", self.decoder.cross_attention),
             ("encoder.self_attention", self.encoder.self_attention),
+            ("memory.attention", self.memory.attention),
         ):
             if (self.d_model // att.num_heads) % 2:
                 raise _fail(

@@ -8,9 +8,56 @@ model calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from rxt.model.reactive_transformer import ReactiveTransformer
+
+
+def _check_budget(model: ReactiveTransformer, prompt_ids: torch.Tensor, max_new_tokens: int):
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be (1, T), got {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.config.max_seq_len - prompt_ids.shape[1]
+    if max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} does not fit: the prompt has "
+            f"{prompt_ids.shape[1]} tokens and max_seq_len is {model.config.max_seq_len}"
+        )
+
+
+def iter_greedy(
+    model: ReactiveTransformer,
+    prompt_ids: torch.Tensor,
+    stm: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+) -> Iterator[int]:
+    """Yield answer token ids one at a time (the first right after the prefill), stopping
+    after ``eos_id`` or ``max_new_tokens``. Validation happens before the first token."""
+    _check_budget(model, prompt_ids, max_new_tokens)
+    return _greedy_tokens(model, prompt_ids, stm, max_new_tokens, eos_id)
+
+
+@torch.no_grad()
+def _greedy_tokens(model, prompt_ids, stm, max_new_tokens, eos_id) -> Iterator[int]:
+    if max_new_tokens == 0:
+        return
+    memory = model.memory_kv(stm)
+    cache = model.new_kv_cache(1, capacity=prompt_ids.shape[1] + max_new_tokens)
+    logits = model.decode(prompt_ids, memory_kv=memory, kv_cache=cache, last_only=True)
+    for step in range(1, max_new_tokens + 1):
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        token_id = int(token)
+        yield token_id
+        if token_id == eos_id or step == max_new_tokens:
+            return
+        logits = model.decode(
+            token, memory_kv=memory, kv_cache=cache, last_only=True, check_inputs=False
+        )
 
 
 @torch.no_grad()
@@ -28,28 +75,13 @@ def greedy_answer(
     ``use_cache=False`` recomputes the whole turn at every step; it exists so tests can check
     that cached decoding gives the same answer.
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-        raise ValueError(f"prompt_ids must be (1, T), got {tuple(prompt_ids.shape)}")
-    limit = model.config.max_seq_len - prompt_ids.shape[1]
-    if max_new_tokens > limit:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} does not fit: the prompt has "
-            f"{prompt_ids.shape[1]} tokens and max_seq_len is {model.config.max_seq_len}"
+    if use_cache:
+        return list(
+            iter_greedy(model, prompt_ids, stm, max_new_tokens=max_new_tokens, eos_id=eos_id)
         )
+    _check_budget(model, prompt_ids, max_new_tokens)
     memory = model.memory_kv(stm)
     answer: list[int] = []
-    if use_cache:
-        cache = model.new_kv_cache(1, capacity=prompt_ids.shape[1] + max_new_tokens)
-        logits = model.decode(prompt_ids, memory_kv=memory, kv_cache=cache, last_only=True)
-        for _ in range(max_new_tokens):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            answer.append(int(token))
-            if answer[-1] == eos_id or len(answer) == max_new_tokens:
-                break
-            logits = model.decode(
-                token, memory_kv=memory, kv_cache=cache, last_only=True, check_inputs=False
-            )
-        return answer
     ids = prompt_ids
     for _ in range(max_new_tokens):
         token = model.decode(ids, memory_kv=memory, last_only=True)[:, -1].argmax(-1)
