@@ -508,3 +508,11 @@ def test_update_memory_rejects_bad_inputs(case: str) -> None:
     args, message = _error_cases(model)[case]
     with pytest.raises(ValueError, match=message):
         model.update_memory(*args)
+
+
+def test_encoder_rejects_left_padding():
+    model = ReactiveTransformer(RxTConfig.preset("tiny")).eval()
+    ids = torch.randint(8, 100, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        model.update_memory(model.initial_stm(2), ids, mask)

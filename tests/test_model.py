@@ -24,6 +24,7 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.config import AttentionConfig
 from rxt.generation import greedy_answer, iter_greedy
 from rxt.model.attention import Attention
+from rxt.model.decoder import DecodeContext
 from rxt.model.feedforward import MoEFeedForward
 from rxt.model.rope import RotaryEmbedding
 
@@ -680,9 +681,7 @@ def test_query_only_rope_in_cross_attention_makes_output_depend_on_position(tiny
     memory = model.memory_kv(_stm(model, 1, seed=2))
 
     def run(shift: int) -> torch.Tensor:
-        out, _ = layer(
-            x,
-            layer_index=0,
+        ctx = DecodeContext(
             positions=torch.arange(6) + shift,
             self_mask=None,
             is_causal=True,
@@ -690,6 +689,7 @@ def test_query_only_rope_in_cross_attention_makes_output_depend_on_position(tiny
             cache=None,
             token_mask=None,
         )
+        out, _ = layer(x, 0, ctx)
         return out
 
     with torch.no_grad():

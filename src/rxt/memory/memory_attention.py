@@ -47,13 +47,8 @@ class SlotPreStep(nn.Module):
         self.source = source
         self.norm_q = RMSNorm(d, config.norm_eps)
         self.norm_kv = RMSNorm(d, config.norm_eps)
-        self.attn = Attention(
-            d,
-            config.memory.attention,
-            rope_queries=False,
-            rope_keys=False,
-            max_positions=config.max_seq_len,
-            rope_theta=config.rope_theta,
+        self.attn = Attention.from_config(
+            config, config.memory.attention, rope_queries=False, rope_keys=False
         )
         self.gate = ResidualGate(d, config.memory)
         if source == "blend":
@@ -82,13 +77,8 @@ class MemoryAttentionLayer(nn.Module):
         self.pre_step = SlotPreStep(config, source) if source else None
         self.norm_q = RMSNorm(d, config.norm_eps)
         self.norm_ed = RMSNorm(d, config.norm_eps)
-        self.write = Attention(
-            d,
-            config.memory.attention,
-            rope_queries=False,
-            rope_keys=True,
-            max_positions=config.max_seq_len,
-            rope_theta=config.rope_theta,
+        self.write = Attention.from_config(
+            config, config.memory.attention, rope_queries=False, rope_keys=True
         )
         self.gate = ResidualGate(d, config.memory)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rxt.config import AttentionConfig
+from rxt.config import AttentionConfig, RxTConfig
 from rxt.model.rope import RotaryEmbedding
 
 
@@ -43,6 +43,20 @@ class Attention(nn.Module):
             RotaryEmbedding(self.head_dim, max_positions, rope_theta)
             if rope_queries or rope_keys
             else None
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: RxTConfig, heads: AttentionConfig, *, rope_queries: bool, rope_keys: bool
+    ) -> Attention:
+        """An attention block of ``config``'s width and RoPE range with ``heads``."""
+        return cls(
+            config.d_model,
+            heads,
+            rope_queries=rope_queries,
+            rope_keys=rope_keys,
+            max_positions=config.max_seq_len,
+            rope_theta=config.rope_theta,
         )
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:

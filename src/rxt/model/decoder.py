@@ -6,6 +6,8 @@ Each layer l reads STM[l] through cross-attention whose keys/values are projecte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -16,19 +18,34 @@ from rxt.model.feedforward import MoEFeedForward, SwiGLU
 from rxt.model.norm import RMSNorm
 
 
+@dataclass
+class DecodeContext:
+    """What every layer of one decoder call shares, besides the hidden states.
+
+    ``positions``: (T,) or (B, T) RoPE positions of the new tokens; ``self_mask``: boolean
+    (B, 1, T, cached + T) or None; ``is_causal``: let SDPA apply the causal mask itself;
+    ``token_mask``: (B, T) real tokens, for MoE balance statistics."""
+
+    positions: torch.Tensor
+    self_mask: torch.Tensor | None
+    is_causal: bool
+    memory: MemoryKV
+    cache: KVCache | None
+    token_mask: torch.Tensor | None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: RxTConfig) -> None:
         super().__init__()
         d = config.d_model
-        common = {"max_positions": config.max_seq_len, "rope_theta": config.rope_theta}
         self.norm_self = RMSNorm(d, config.norm_eps)
-        self.self_attn = Attention(
-            d, config.decoder.self_attention, rope_queries=True, rope_keys=True, **common
+        self.self_attn = Attention.from_config(
+            config, config.decoder.self_attention, rope_queries=True, rope_keys=True
         )
         self.norm_cross = RMSNorm(d, config.norm_eps)
         self.norm_memory = RMSNorm(d, config.norm_eps)
-        self.cross_attn = Attention(
-            d, config.decoder.cross_attention, rope_queries=True, rope_keys=False, **common
+        self.cross_attn = Attention.from_config(
+            config, config.decoder.cross_attention, rope_queries=True, rope_keys=False
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)
         moe = config.decoder.moe
@@ -39,31 +56,22 @@ class DecoderLayer(nn.Module):
         return self.cross_attn.project_kv(self.norm_memory(memory))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        layer_index: int,
-        positions: torch.Tensor,
-        self_mask: torch.Tensor | None,
-        is_causal: bool,
-        memory: MemoryKV,
-        cache: KVCache | None,
-        token_mask: torch.Tensor | None,
+        self, x: torch.Tensor, index: int, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.norm_self(x)
-        q = self.self_attn.project_q(h, positions)
-        k, v = self.self_attn.project_kv(h, positions)
-        if cache is not None:
-            k, v = cache.append(layer_index, k, v)
-        x = x + self.self_attn.attend(q, k, v, self_mask, is_causal)
+        q = self.self_attn.project_q(h, ctx.positions)
+        k, v = self.self_attn.project_kv(h, ctx.positions)
+        if ctx.cache is not None:
+            k, v = ctx.cache.append(index, k, v)
+        x = x + self.self_attn.attend(q, k, v, ctx.self_mask, ctx.is_causal)
 
-        q = self.cross_attn.project_q(self.norm_cross(x), positions)
-        mem_k, mem_v = memory.keys[layer_index], memory.values[layer_index]
-        x = x + self.cross_attn.attend(q, mem_k, mem_v, memory.mask)
+        q = self.cross_attn.project_q(self.norm_cross(x), ctx.positions)
+        memory = ctx.memory
+        x = x + self.cross_attn.attend(q, memory.keys[index], memory.values[index], memory.mask)
 
         h = self.norm_ffn(x)
         if isinstance(self.ffn, MoEFeedForward):
-            out, aux = self.ffn(h, token_mask)
+            out, aux = self.ffn(h, ctx.token_mask)
             return x + out, aux
         return x + self.ffn(h), None
 
@@ -85,31 +93,14 @@ class GeneratorDecoder(nn.Module):
         return MemoryKV(keys, values, mask)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        positions: torch.Tensor,
-        self_mask: torch.Tensor | None,
-        is_causal: bool,
-        memory: MemoryKV,
-        cache: KVCache | None,
-        token_mask: torch.Tensor | None,
+        self, x: torch.Tensor, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns final-normed hidden states ``(B, T, d)`` and the summed MoE balance loss."""
         aux_total = None
         for i, layer in enumerate(self.layers):
-            x, aux = layer(
-                x,
-                layer_index=i,
-                positions=positions,
-                self_mask=self_mask,
-                is_causal=is_causal,
-                memory=memory,
-                cache=cache,
-                token_mask=token_mask,
-            )
+            x, aux = layer(x, i, ctx)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        if cache is not None:
-            cache.commit()
+        if ctx.cache is not None:
+            ctx.cache.commit()
         return self.norm(x), aux_total

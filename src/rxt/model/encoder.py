@@ -21,13 +21,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         d = config.d_model
         self.norm_attn = RMSNorm(d, config.norm_eps)
-        self.self_attn = Attention(
-            d,
-            config.encoder.self_attention,
-            rope_queries=True,
-            rope_keys=True,
-            max_positions=config.max_seq_len,
-            rope_theta=config.rope_theta,
+        self.self_attn = Attention.from_config(
+            config, config.encoder.self_attention, rope_queries=True, rope_keys=True
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)
         self.ffn = SwiGLU(d, config.encoder.ffn_dim)

@@ -41,7 +41,7 @@ from rxt.memory.memory_attention import MemoryAttention
 from rxt.memory.stm import StmInitializer
 from rxt.model.attention import padding_mask
 from rxt.model.cache import KVCache, MemoryKV
-from rxt.model.decoder import GeneratorDecoder
+from rxt.model.decoder import DecodeContext, GeneratorDecoder
 from rxt.model.encoder import MemoryEncoder, MLMHead
 from rxt.model.feedforward import MoEFeedForward
 
@@ -112,13 +112,10 @@ class ReactiveTransformer(nn.Module):
         ``memory`` is STM ``(B, L, S, d)``; in stages 1–2 it may instead be encoder states
         ``(B, L, T, d)`` with ``memory_mask: (B, T)``."""
         self._check_memory(memory, "memory")
-        if memory_mask is not None and tuple(memory_mask.shape) != (
-            memory.shape[0],
-            memory.shape[2],
-        ):
+        expected = (memory.shape[0], memory.shape[2])
+        if memory_mask is not None and tuple(memory_mask.shape) != expected:
             raise ValueError(
-                f"memory_mask must have shape (B, S) = {(memory.shape[0], memory.shape[2])}, "
-                f"got {tuple(memory_mask.shape)}"
+                f"memory_mask must have shape (B, S) = {expected}, got {tuple(memory_mask.shape)}"
             )
         return self.decoder.memory_kv(memory.to(self.dtype), memory_mask)
 
@@ -127,6 +124,9 @@ class ReactiveTransformer(nn.Module):
     ) -> torch.Tensor:
         """ED = per-layer encoder states ``(B, L, T, d)`` of right-padded ``input_ids (B, T)``."""
         self._check_ids(input_ids, attention_mask, past=0, name="input_ids")
+        if attention_mask is not None and (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            # Encoder positions are 0..T-1: left padding would shift every real token's position.
+            raise ValueError("attention_mask for the encoder must be right-padded (1s, then 0s)")
         return self.encoder(self.embed(input_ids), attention_mask)
 
     def update_memory(
@@ -245,8 +245,7 @@ class ReactiveTransformer(nn.Module):
             is_causal = False
             token_mask = attention_mask[:, past:]
 
-        hidden, aux = self.decoder(
-            self.embed(input_ids),
+        ctx = DecodeContext(
             positions=positions,
             self_mask=self_mask,
             is_causal=is_causal,
@@ -254,6 +253,7 @@ class ReactiveTransformer(nn.Module):
             cache=kv_cache,
             token_mask=token_mask,
         )
+        hidden, aux = self.decoder(self.embed(input_ids), ctx)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         if aux is not None:
             aux = aux * self.config.decoder.moe.aux_loss_weight
