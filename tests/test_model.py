@@ -763,3 +763,20 @@ def test_gradients_reach_every_component_through_the_memory(make_model, memory):
     F.cross_entropy(logits[:, :-1].flatten(0, 1), turn2[:, 1:].flatten()).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is None for p in model.memory_attention.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rmsnorm_matches_its_formula_in_every_dtype(dtype):
+    from rxt.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(2, 5, 16, dtype=torch.float64) * 3
+    reference = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight.double()
+    out = norm.to(dtype if dtype != torch.bfloat16 else torch.float32)(x.to(dtype))
+    assert out.dtype == dtype
+    # bf16 keeps ~3 significant digits; the normalisation itself runs in float32.
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), reference, atol=tol, rtol=tol)
