@@ -62,7 +62,7 @@ def bench_preset(
     model.train()
     t_train = _median_time(train_step, device, repeats)
     model.eval()
-    steps = 64
+    steps = min(64, config.max_seq_len - seq)
 
     @torch.no_grad()
     def decode_steps() -> None:

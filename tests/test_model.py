@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rxt import ReactiveTransformer, RxTConfig
+from rxt import KVCache, ReactiveTransformer, RxTConfig
 from rxt.config import AttentionConfig
 from rxt.generation import greedy_answer, iter_greedy
 from rxt.model.attention import Attention
@@ -291,8 +291,16 @@ def test_sequence_longer_than_max_seq_len_is_rejected(tiny_model):
         model.decode(_ids(model, 1, limit + 1, seed=1), stm)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.update_memory(stm, _ids(model, 1, limit + 1, seed=1))
-    # cached + new > limit, with a cache big enough to hold it: max_seq_len still rules.
-    cache = model.new_kv_cache(1, capacity=limit + 8)
+    # cached + new > limit, with a cache big enough to hold it (built by hand, since
+    # new_kv_cache refuses such a capacity): max_seq_len still rules.
+    heads = model.config.decoder.self_attention
+    cache = KVCache.empty(
+        model.config.num_layers,
+        1,
+        heads.kv_heads,
+        model.config.d_model // heads.num_heads,
+        limit + 8,
+    )
     with torch.no_grad():
         model.decode(_ids(model, 1, limit - 2, seed=1), stm, kv_cache=cache)
         with pytest.raises(ValueError, match=f"max_seq_len={limit}"):
@@ -780,3 +788,11 @@ def test_rmsnorm_matches_its_formula_in_every_dtype(dtype):
     # bf16 keeps ~3 significant digits; the normalisation itself runs in float32.
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.double(), reference, atol=tol, rtol=tol)
+
+
+def test_kv_cache_capacity_cannot_exceed_max_seq_len(tiny_model):
+    limit = tiny_model.config.max_seq_len
+    assert tiny_model.new_kv_cache(1, capacity=limit).capacity == limit
+    for bad in (limit + 1, -1):
+        with pytest.raises(ValueError, match="max_seq_len"):
+            tiny_model.new_kv_cache(1, capacity=bad)

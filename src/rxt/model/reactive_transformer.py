@@ -166,13 +166,20 @@ class ReactiveTransformer(nn.Module):
     # ------------------------------------------------------------------ decoding
     def new_kv_cache(self, batch_size: int = 1, capacity: int | None = None) -> KVCache:
         """An empty self-attention cache for one turn (default capacity: ``max_seq_len``)."""
+        limit = self.config.max_seq_len
+        capacity = capacity or limit
+        if not 1 <= capacity <= limit:
+            # Positions past max_seq_len have no RoPE entry; refuse here, not mid-generation.
+            raise ValueError(
+                f"KV cache capacity must be in [1, max_seq_len={limit}], got {capacity}"
+            )
         heads = self.config.decoder.self_attention
         return KVCache.empty(
             self.config.num_layers,
             batch_size,
             heads.kv_heads,
             self.config.d_model // heads.num_heads,
-            capacity or self.config.max_seq_len,
+            capacity,
             device=self.device,
             dtype=self.dtype,
         )
