@@ -93,7 +93,7 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
     "negative stm std": ({"memory": {"stm_init_std": -0.1}}, ["memory.stm_init_std", ">= 0"]),
     "zero init_std": ({"init_std": 0.0}, ["init_std", "> 0"]),
     "nested not an object": ({"decoder": 3}, ["decoder", "object"]),
-    "unknown top-level field": ({"dropout": 0.1}, ["dropout", "unknown field", "d_model"]),
+    "unknown top-level field": ({"dropuot": 0.1}, ["dropuot", "unknown field", "d_model"]),
     "unknown nested field": (
         {"memory": {"slots": 8}},
         ["memory.slots", "unknown field", "num_slots"],

@@ -252,6 +252,10 @@ class RxTConfig(_Validated):
     # None = 0.8/sqrt(d_model). Calibration: at d=64 the GPT-2 default 0.02 left the memory
     # write no larger than the random initial STM and recall stayed at chance; ~0.8/sqrt(d) learnt.
     init_std: float | None = None
+    # Training regularisation: residual and attention-weight dropout in the decoder and encoder
+    # (inactive in eval mode). Memory attention has none; the memory-attention pre-training
+    # stage regularises it with noise on its inputs and targets instead (paper §6, stage 3).
+    dropout: float = 0.0
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "max_seq_len"):
@@ -260,6 +264,8 @@ class RxTConfig(_Validated):
         _positive("norm_eps", self.norm_eps)
         if self.init_std is not None:
             _positive("init_std", self.init_std)
+        if not 0.0 <= self.dropout < 1.0:
+            raise _fail("dropout", f"must be in [0, 1), got {self.dropout}")
         self.decoder.self_attention.check("decoder.self_attention.", self.d_model)
         self.decoder.cross_attention.check("decoder.cross_attention.", self.d_model)
         self.encoder.self_attention.check("encoder.self_attention.", self.d_model)

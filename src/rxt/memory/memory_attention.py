@@ -28,6 +28,7 @@ from torch import nn
 from rxt.config import RxTConfig
 from rxt.memory.gate import ResidualGate
 from rxt.model.attention import Attention
+from rxt.model.checkpointing import run_layer
 from rxt.model.norm import RMSNorm
 
 _PRE_STEP_SOURCE = {
@@ -105,6 +106,7 @@ class MemoryAttention(nn.Module):
         super().__init__()
         self.variant = config.memory.variant
         self.layers = nn.ModuleList(MemoryAttentionLayer(config) for _ in range(config.num_layers))
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -123,7 +125,15 @@ class MemoryAttention(nn.Module):
         # summary of the old memory regardless of update order.
         layer_mean = stm.mean(dim=1)
         new_layers = [
-            layer(stm[:, i], encoded[:, i], layer_mean, ed_mask, positions)
+            run_layer(
+                layer,
+                self.gradient_checkpointing,
+                stm[:, i],
+                encoded[:, i],
+                layer_mean,
+                ed_mask,
+                positions,
+            )
             for i, layer in enumerate(self.layers)
         ]
         return torch.stack(new_layers, dim=1)

@@ -28,8 +28,10 @@ class Attention(nn.Module):
         rope_keys: bool,
         max_positions: int,
         rope_theta: float,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = dropout  # on attention weights, training mode only
         self.head_dim = d_model // heads.num_heads
         self.num_query_heads = heads.query_heads
         self.num_kv_heads = heads.kv_heads
@@ -47,9 +49,16 @@ class Attention(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: RxTConfig, heads: AttentionConfig, *, rope_queries: bool, rope_keys: bool
+        cls,
+        config: RxTConfig,
+        heads: AttentionConfig,
+        *,
+        rope_queries: bool,
+        rope_keys: bool,
+        dropout: bool = False,
     ) -> Attention:
-        """An attention block of ``config``'s width and RoPE range with ``heads``."""
+        """An attention block of ``config``'s width and RoPE range with ``heads``; ``dropout``
+        enables ``config.dropout`` on its attention weights."""
         return cls(
             config.d_model,
             heads,
@@ -57,6 +66,7 @@ class Attention(nn.Module):
             rope_keys=rope_keys,
             max_positions=config.max_seq_len,
             rope_theta=config.rope_theta,
+            dropout=config.dropout if dropout else 0.0,
         )
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -96,6 +106,7 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_query_heads,
         )
         b, _, t, _ = out.shape

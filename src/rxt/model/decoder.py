@@ -14,6 +14,7 @@ from torch import nn
 from rxt.config import RxTConfig
 from rxt.model.attention import Attention
 from rxt.model.cache import KVCache, MemoryKV
+from rxt.model.checkpointing import run_layer
 from rxt.model.feedforward import MoEFeedForward, SwiGLU
 from rxt.model.norm import RMSNorm
 
@@ -40,16 +41,17 @@ class DecoderLayer(nn.Module):
         d = config.d_model
         self.norm_self = RMSNorm(d, config.norm_eps)
         self.self_attn = Attention.from_config(
-            config, config.decoder.self_attention, rope_queries=True, rope_keys=True
+            config, config.decoder.self_attention, rope_queries=True, rope_keys=True, dropout=True
         )
         self.norm_cross = RMSNorm(d, config.norm_eps)
         self.norm_memory = RMSNorm(d, config.norm_eps)
         self.cross_attn = Attention.from_config(
-            config, config.decoder.cross_attention, rope_queries=True, rope_keys=False
+            config, config.decoder.cross_attention, rope_queries=True, rope_keys=False, dropout=True
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)
         moe = config.decoder.moe
         self.ffn = MoEFeedForward(d, moe) if moe else SwiGLU(d, config.decoder.ffn_dim)
+        self.drop = nn.Dropout(config.dropout)  # residual dropout, training mode only
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project one memory layer ``(B, S, d)`` to cross-attention keys/values."""
@@ -63,17 +65,19 @@ class DecoderLayer(nn.Module):
         k, v = self.self_attn.project_kv(h, ctx.positions)
         if ctx.cache is not None:
             k, v = ctx.cache.append(index, k, v)
-        x = x + self.self_attn.attend(q, k, v, ctx.self_mask, ctx.is_causal)
+        x = x + self.drop(self.self_attn.attend(q, k, v, ctx.self_mask, ctx.is_causal))
 
         q = self.cross_attn.project_q(self.norm_cross(x), ctx.positions)
         memory = ctx.memory
-        x = x + self.cross_attn.attend(q, memory.keys[index], memory.values[index], memory.mask)
+        x = x + self.drop(
+            self.cross_attn.attend(q, memory.keys[index], memory.values[index], memory.mask)
+        )
 
         h = self.norm_ffn(x)
         if isinstance(self.ffn, MoEFeedForward):
             out, aux = self.ffn(h, ctx.token_mask)
-            return x + out, aux
-        return x + self.ffn(h), None
+            return x + self.drop(out), aux
+        return x + self.drop(self.ffn(h)), None
 
 
 class GeneratorDecoder(nn.Module):
@@ -81,6 +85,7 @@ class GeneratorDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.gradient_checkpointing = False
 
     def memory_kv(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> MemoryKV:
         """``memory: (B, L, S, d)`` → per-layer keys/values; ``memory_mask: (B, S)`` optional."""
@@ -97,8 +102,10 @@ class GeneratorDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns final-normed hidden states ``(B, T, d)`` and the summed MoE balance loss."""
         aux_total = None
+        # A KV cache is appended to inside the layer; recomputing it would append twice.
+        checkpointed = self.gradient_checkpointing and ctx.cache is None
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, i, ctx)
+            x, aux = run_layer(layer, checkpointed, x, i, ctx)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if ctx.cache is not None:

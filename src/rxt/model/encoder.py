@@ -12,6 +12,7 @@ from torch import nn
 
 from rxt.config import RxTConfig
 from rxt.model.attention import Attention, padding_mask
+from rxt.model.checkpointing import run_layer
 from rxt.model.feedforward import SwiGLU
 from rxt.model.norm import RMSNorm
 
@@ -22,23 +23,27 @@ class EncoderLayer(nn.Module):
         d = config.d_model
         self.norm_attn = RMSNorm(d, config.norm_eps)
         self.self_attn = Attention.from_config(
-            config, config.encoder.self_attention, rope_queries=True, rope_keys=True
+            config, config.encoder.self_attention, rope_queries=True, rope_keys=True, dropout=True
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)
         self.ffn = SwiGLU(d, config.encoder.ffn_dim)
+        self.drop = nn.Dropout(config.dropout)  # residual dropout, training mode only
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         h = self.norm_attn(x)
-        x = x + self.self_attn(h, q_positions=positions, kv_positions=positions, mask=mask)
-        return x + self.ffn(self.norm_ffn(x))
+        x = x + self.drop(
+            self.self_attn(h, q_positions=positions, kv_positions=positions, mask=mask)
+        )
+        return x + self.drop(self.ffn(self.norm_ffn(x)))
 
 
 class MemoryEncoder(nn.Module):
     def __init__(self, config: RxTConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x: (B, T, d)`` embeddings, ``attention_mask: (B, T)`` with right padding.
@@ -50,7 +55,7 @@ class MemoryEncoder(nn.Module):
             mask = padding_mask(attention_mask, t, causal=False)
         states = []
         for layer in self.layers:
-            x = layer(x, positions, mask)
+            x = run_layer(layer, self.gradient_checkpointing, x, positions, mask)
             states.append(x)
         return torch.stack(states, dim=1)
 

@@ -90,6 +90,14 @@ class ReactiveTransformer(nn.Module):
                 for w in (module.w_gate, module.w_up, module.w_down):
                     nn.init.normal_(w, std=std)
 
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute layer activations in backward instead of storing them (training only)."""
+        for part in (self.decoder, self.encoder, self.memory_attention):
+            part.gradient_checkpointing = enabled
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_enable(False)
+
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
