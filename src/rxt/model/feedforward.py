@@ -51,7 +51,9 @@ class MoEFeedForward(nn.Module):
         the balancing statistics). Returns the output and the unweighted balancing loss."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = self.router(flat)  # (N, E)
+        # Routing in float32: in bf16 the rounding of near-tied router logits alone would flip
+        # expert choices between otherwise equal computations (e.g. cached vs full decoding).
+        logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
         top_w = top_logits.softmax(dim=-1).to(x.dtype)
         if flat.shape[0] <= self.gather_threshold:
