@@ -273,25 +273,20 @@ def _write(tmp_path: Path, content: str) -> Path:
     return path
 
 
-def test_load_bad_json_names_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, '{"d_model": 64,')
-    with pytest.raises(ConfigError, match="not valid JSON") as info:
-        RxTConfig.load(tmp_path)
-    assert str(path) in str(info.value)
-
-
-def test_load_non_utf8_names_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b'{"d_model": 64,', "not valid JSON"),
+        (b"\xff\xfe\x00garbage", None),
+        (b"[1, 2, 3]", "expected a JSON object"),
+    ],
+    ids=["bad-json", "non-utf8", "non-object"],
+)
+def test_unreadable_config_names_file(tmp_path: Path, content: bytes, match: str | None) -> None:
     path = tmp_path / "config.json"
-    path.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError) as info:
-        RxTConfig.load(path)
-    assert str(path) in str(info.value)
-
-
-def test_load_non_object_names_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[1, 2, 3]")
-    with pytest.raises(ConfigError, match="expected a JSON object") as info:
-        RxTConfig.load(path)
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as info:
+        RxTConfig.load(tmp_path)
     assert str(path) in str(info.value)
 
 

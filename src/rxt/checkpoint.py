@@ -19,12 +19,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rxt.config import CONFIG_FILE, RxTConfig
+from rxt.tokenizer import TOKENIZER_FILE, RxTTokenizer
 
 if TYPE_CHECKING:
     from rxt.model.reactive_transformer import ReactiveTransformer
 
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = "1"
 _PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt")
 
@@ -55,12 +55,9 @@ def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) ->
     are complete: an error while writing (disk full, bad tensor) leaves the previous model in
     ``directory`` untouched — its weights *and* its config.json, which must stay a pair."""
     tokenizer = model.tokenizer
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer is not None:
         # Refuse here rather than write a checkpoint that from_pretrained would reject.
-        raise ValueError(
-            f"the attached tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size "
-            f"is {model.config.vocab_size}"
-        )
+        _check_tokenizer_fits(tokenizer, model.config, ValueError, "the attached")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
@@ -89,6 +86,16 @@ def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) ->
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _check_tokenizer_fits(
+    tokenizer: RxTTokenizer, config: RxTConfig, error: type[Exception], where: str
+) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise error(
+            f"{where} tokenizer has {tokenizer.vocab_size} tokens but the config's vocab_size "
+            f"is {config.vocab_size}"
+        )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -192,15 +199,10 @@ def load_pretrained(
     allowed_missing = {"lm_head.weight"} if config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:  # _check_tensors should have caught it
         raise CheckpointError(f"{weights}: state mismatch {missing} {unexpected}")
-    if (directory / TOKENIZER_FILE).is_file():
-        from rxt.tokenizer import RxTTokenizer
-
-        model.tokenizer = RxTTokenizer.from_file(directory / TOKENIZER_FILE)
-        if model.tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(
-                f"{directory / TOKENIZER_FILE}: tokenizer has {model.tokenizer.vocab_size} "
-                f"tokens but config.json vocab_size is {config.vocab_size}"
-            )
+    tokenizer_file = directory / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        model.tokenizer = RxTTokenizer.from_file(tokenizer_file)
+        _check_tokenizer_fits(model.tokenizer, config, CheckpointError, f"{tokenizer_file}:")
     model.to(device=device, dtype=dtype)
     return model.eval()
 

@@ -27,16 +27,15 @@ class ResidualGate(nn.Module):
     def __init__(self, d_model: int, cfg: MemoryConfig) -> None:
         super().__init__()
         self.kind = cfg.gate
-        self.granularity = cfg.gate_granularity
-        self.projection = cfg.gate_projection
+        per_feature = cfg.gate_granularity == "feature"
         bias = math.log(cfg.gate_init / (1.0 - cfg.gate_init))
         if self.kind == "none":
             return
-        width = d_model if self.granularity == "feature" else 1
+        width = d_model if per_feature else 1
         if self.kind == "static":
-            shape = (d_model,) if self.granularity == "feature" else (cfg.num_slots, 1)
+            shape = (d_model,) if per_feature else (cfg.num_slots, 1)
             self.bias = nn.Parameter(torch.full(shape, bias))
-        elif self.granularity == "feature" and self.projection == "elementwise":
+        elif per_feature and cfg.gate_projection == "elementwise":
             self.weight = nn.Parameter(torch.zeros(d_model))
             self.bias = nn.Parameter(torch.full((d_model,), bias))
         else:  # linear map d -> width (per-feature linear, or per-slot scalar)

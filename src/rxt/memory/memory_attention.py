@@ -104,7 +104,6 @@ class MemoryAttention(nn.Module):
 
     def __init__(self, config: RxTConfig) -> None:
         super().__init__()
-        self.variant = config.memory.variant
         self.layers = nn.ModuleList(MemoryAttentionLayer(config) for _ in range(config.num_layers))
         self.gradient_checkpointing = False
 

@@ -27,12 +27,6 @@ class MemoryKV:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def select(self, rows: torch.Tensor | list[int]) -> MemoryKV:
-        """Keep only batch ``rows`` (e.g. when finished conversations leave a batch)."""
-        rows = torch.as_tensor(rows, device=self.keys[0].device)
-        mask = None if self.mask is None else self.mask[rows]
-        return MemoryKV([k[rows] for k in self.keys], [v[rows] for v in self.values], mask)
-
 
 @dataclass
 class KVCache:
@@ -86,7 +80,3 @@ class KVCache:
         """Advance past the step just appended (called once after all layers ran)."""
         self.length += self._pending
         self._pending = 0
-
-    def select(self, rows: torch.Tensor | list[int]) -> KVCache:
-        rows = torch.as_tensor(rows, device=self.keys[0].device)
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length)
