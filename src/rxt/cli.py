@@ -59,6 +59,74 @@ def cmd_demo(out: str, preset: str, turns: int, quick: bool, threads: int | None
     return 0
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    """Per-turn latency of RxT vs the stateless transformers baseline."""
+    from rxt.bench.latency import LatencySettings, format_summary, run_latency
+
+    _set_threads(args.threads)
+    settings = LatencySettings.from_args(args, baseline=not args.no_baseline)
+    result = run_latency(settings)
+    print(format_summary(result["summary"]))
+    _write_results(args.json, result)
+    if args.plot:
+        from rxt.bench.plot import plot_latency
+
+        plot_latency(result["records"], args.plot, title=f"rxt bench latency ({args.preset})")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    """Aggregate tokens/s of the batched engine at several concurrencies."""
+    from rxt.bench.throughput import ThroughputSettings, run_throughput
+
+    _set_threads(args.threads)
+    settings = ThroughputSettings.from_args(args, concurrency=tuple(args.concurrency))
+    result = run_throughput(settings)
+    speedups = ", ".join(f"{c}: ×{x:.2f}" for c, x in result["summary"]["speedup_vs_first"].items())
+    print(f"tokens/s relative to {settings.concurrency[0]} conversation(s): {speedups}")
+    _write_results(args.json, result)
+    return 0
+
+
+def _write_results(path: str | None, result: dict) -> None:
+    """The records (a plain list) to ``path``; summary, settings and environment beside it."""
+    if not path:
+        return
+    from rxt.bench.common import write_json
+
+    write_json(path, result["records"])
+    write_json(_summary_path(path), {k: v for k, v in result.items() if k != "records"})
+    print(f"records: {path}; summary: {_summary_path(path)}")
+
+
+def _summary_path(path: str) -> str:
+    """``OUT.json`` → ``OUT.summary.json`` (the records file stays a plain list)."""
+    stem = path[:-5] if path.endswith(".json") else path
+    return f"{stem}.summary.json"
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _add_bench_common(parser: argparse.ArgumentParser, presets: list[str]) -> None:
+    parser.add_argument("--preset", default="small", choices=presets)
+    parser.add_argument("--model-dir", help="a saved model instead of a random preset model")
+    parser.add_argument("--query-tokens", type=int, default=32)
+    parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the calling thread")
+    parser.add_argument("--json", metavar="OUT.json", help="write the records here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rxt import __version__
     from rxt.config import RxTConfig
@@ -81,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--turns", type=int, default=8)
     demo.add_argument("--quick", action="store_true", help="tiny model, 4 turns (seconds)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    from rxt import chat
+
+    chat.add_arguments(sub.add_parser("chat", help="interactive chat with a saved model"))
+
+    bench = sub.add_parser("bench", help="latency and throughput benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    presets = RxTConfig.presets()
+    latency = bench_sub.add_parser("latency", help="per-turn latency, RxT vs stateless")
+    _add_bench_common(latency, presets)
+    latency.add_argument("--turns", type=int, default=32)
+    latency.add_argument("--warmup", type=int, default=3, help="untimed turns first")
+    latency.add_argument(
+        "--think-time",
+        type=float,
+        help="seconds between an answer and the next query in the live pass "
+        "(default: twice the median memory-update time)",
+    )
+    latency.add_argument("--no-baseline", action="store_true", help="RxT only")
+    latency.add_argument("--plot", metavar="OUT.png", help="latency-vs-turn figure")
+    throughput = bench_sub.add_parser("throughput", help="batched engine tokens/s")
+    _add_bench_common(throughput, presets)
+    throughput.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    throughput.add_argument("--turns", type=int, default=2, help="turns per conversation")
     return parser
 
 
@@ -91,7 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(args.preset, args.json, args.query_tokens, args.answer_tokens)
         if args.command == "demo":
             return cmd_demo(args.out, args.preset, args.turns, args.quick, args.threads)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        if args.command == "chat":
+            from rxt.chat import run_chat
+
+            return run_chat(args)
+        if args.command == "bench":
+            if args.bench == "latency":
+                return cmd_bench_latency(args)
+            return cmd_bench_throughput(args)
+    except (
+        ValueError,
+        FileNotFoundError,
+        ImportError,
+    ) as exc:  # user errors: one clear line, no traceback
         print(f"rxt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1

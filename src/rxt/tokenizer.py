@@ -211,6 +211,11 @@ class RxTTokenizer:
         query_ids = self.encode(_check_str(query, "query"))
         return [self.bos_id, self.query_id, *query_ids, self.answer_id]
 
+    def encode_system(self, text: str) -> list[int]:
+        """A system prompt as turn 0 of a conversation: ``[BOS] text [EOS]`` (no query/answer
+        markers, so the model can tell instructions from dialogue)."""
+        return [self.bos_id, *self.encode(_check_str(text, "system prompt")), self.eos_id]
+
     def encode_interaction(
         self, query: str, answer: str | None = None, max_length: int | None = None
     ) -> EncodedInteraction:

@@ -116,7 +116,8 @@ class MemoryAttention(nn.Module):
         """``stm: (B, L, S, d)``, ``encoded`` = ED_t ``(B, L, T, d)``, ``attention_mask: (B, T)``
         (1 = real token). Returns STM_t ``(B, L, S, d)``."""
         t = encoded.shape[2]
-        positions = torch.arange(t, device=encoded.device)
+        # RoPE tables of the encoded positions, gathered once for all layers.
+        positions = self.layers[0].write.rope.angles(torch.arange(t, device=encoded.device))
         ed_mask = None
         if attention_mask is not None:
             ed_mask = attention_mask.bool()[:, None, None, :]

@@ -6,7 +6,7 @@ Each layer l reads STM[l] through cross-attention whose keys/values are projecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from rxt.model.cache import KVCache, MemoryKV
 from rxt.model.checkpointing import run_layer
 from rxt.model.feedforward import MoEFeedForward, SwiGLU
 from rxt.model.norm import RMSNorm
+from rxt.model.rope import RopeAngles
 
 
 @dataclass
@@ -33,6 +34,10 @@ class DecodeContext:
     memory: MemoryKV
     cache: KVCache | None
     token_mask: torch.Tensor | None
+    # RoPE tables of ``positions`` for self- and cross-attention, set once per call by
+    # GeneratorDecoder (a decode step is dispatch-bound: no need to gather them per layer).
+    self_angles: RopeAngles | None = None
+    cross_angles: RopeAngles | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -60,14 +65,16 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, index: int, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        at_self = ctx.self_angles if ctx.self_angles is not None else ctx.positions
+        at_cross = ctx.cross_angles if ctx.cross_angles is not None else ctx.positions
         h = self.norm_self(x)
-        q = self.self_attn.project_q(h, ctx.positions)
-        k, v = self.self_attn.project_kv(h, ctx.positions)
+        q = self.self_attn.project_q(h, at_self)
+        k, v = self.self_attn.project_kv(h, at_self)
         if ctx.cache is not None:
             k, v = ctx.cache.append(index, k, v)
         x = x + self.drop(self.self_attn.attend(q, k, v, ctx.self_mask, ctx.is_causal))
 
-        q = self.cross_attn.project_q(self.norm_cross(x), ctx.positions)
+        q = self.cross_attn.project_q(self.norm_cross(x), at_cross)
         memory = ctx.memory
         x = x + self.drop(
             self.cross_attn.attend(q, memory.keys[index], memory.values[index], memory.mask)
@@ -101,6 +108,14 @@ class GeneratorDecoder(nn.Module):
         self, x: torch.Tensor, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns final-normed hidden states ``(B, T, d)`` and the summed MoE balance loss."""
+        first = self.layers[0]
+        self_angles = first.self_attn.rope.angles(ctx.positions)
+        cross_angles = (
+            self_angles
+            if first.cross_attn.head_dim == first.self_attn.head_dim
+            else first.cross_attn.rope.angles(ctx.positions)
+        )
+        ctx = replace(ctx, self_angles=self_angles, cross_angles=cross_angles)
         aux_total = None
         # A KV cache is appended to inside the layer; recomputing it would append twice.
         checkpointed = self.gradient_checkpointing and ctx.cache is None

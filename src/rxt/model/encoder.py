@@ -49,7 +49,8 @@ class MemoryEncoder(nn.Module):
         """``x: (B, T, d)`` embeddings, ``attention_mask: (B, T)`` with right padding.
         Returns ED ``(B, L, T, d)``."""
         t = x.shape[1]
-        positions = torch.arange(t, device=x.device)
+        # RoPE tables gathered once for all layers.
+        positions = self.layers[0].self_attn.rope.angles(torch.arange(t, device=x.device))
         mask = None
         if attention_mask is not None:
             mask = padding_mask(attention_mask, t, causal=False)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `rxt bench`: RxT against a stateless decoder-only baseline."""

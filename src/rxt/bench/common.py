@@ -1,0 +1,114 @@
+"""What the latency and throughput benchmarks share: the model under test, its queries, the
+environment record and a few statistics."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from rxt.config import RxTConfig
+from rxt.model.reactive_transformer import ReactiveTransformer
+from rxt.tokenizer import SPECIAL_TOKENS, RxTTokenizer
+
+
+def load_or_build(
+    model_dir: str | None, preset: str, seed: int, device: str
+) -> ReactiveTransformer:
+    """A trained model from ``model_dir``, or a seeded random ``preset`` model.
+
+    Latency does not depend on the weights, and every reply is forced to the same length, so a
+    random model measures the same work as a trained one of the same shape."""
+    if model_dir:
+        model = ReactiveTransformer.from_pretrained(model_dir)
+    else:
+        torch.manual_seed(seed)
+        model = ReactiveTransformer(RxTConfig.preset(preset))
+    if model.tokenizer is None:
+        # Only needed to turn ids into text for the stream; any tokenizer within the vocabulary.
+        from rxt.demo import synthetic_corpus
+
+        vocab = min(model.config.vocab_size, 1024)
+        model.tokenizer = RxTTokenizer.train(synthetic_corpus(2000, seed=seed), vocab_size=vocab)
+    return model.to(device).eval()
+
+
+def random_queries(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """``count`` queries of exactly ``length`` ordinary (non-special) token ids."""
+    rng = random.Random(seed)
+    low = len(SPECIAL_TOKENS)
+    return [[rng.randrange(low, vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What both benchmarks are configured with (each adds its own fields)."""
+
+    preset: str = "small"
+    turns: int = 2
+    query_tokens: int = 32
+    answer_tokens: int = 64
+    repeats: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    model_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("turns", "query_tokens", "answer_tokens", "repeats"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+    @classmethod
+    def from_args(cls, args: object, **extra: object):
+        """Settings from an argparse namespace holding (at least) this class's fields."""
+        names = [f.name for f in fields(cls) if f.name not in extra and hasattr(args, f.name)]
+        return cls(**{name: getattr(args, name) for name in names}, **extra)
+
+    def check_fits(self, max_seq_len: int) -> None:
+        if self.query_tokens + 3 + self.answer_tokens > max_seq_len:
+            raise ValueError(
+                f"query ({self.query_tokens} + 3 markers) + answer ({self.answer_tokens}) tokens "
+                f"exceed the model's max_seq_len={max_seq_len}"
+            )
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def environment(device: str) -> dict[str, object]:
+    """What a reader needs to compare figures: hardware, threads and library versions."""
+    info: dict[str, object] = {
+        "device": device,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path: str | Path, payload: object) -> None:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)

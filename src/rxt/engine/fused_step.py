@@ -1,0 +1,116 @@
+"""One decode step (one new token per row) with fewer, larger operations (paper §4, step 2).
+
+At inference sizes a decode step is dispatch-bound: the arithmetic of a 160-wide layer takes
+microseconds, while each PyTorch call costs one to a few. This step computes exactly what
+:class:`~rxt.model.decoder.GeneratorDecoder` computes for a single token in eval mode, but with
+the projections that read the same input fused (q/k/v as one matrix, gate/up as one), RoPE
+applied to queries and keys together, rows kept 2-D between attentions and no module calls —
+about half the dispatches. ``tests/test_engine_fast_path.py`` checks it against the module path.
+
+The fused matrices are copies of the model's weights; :meth:`FusedDecodeStep.refresh` rebuilds
+them when a parameter changed (the engine calls it once per admitted batch of turns).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rxt.model.cache import MemoryKV
+from rxt.model.decoder import DecoderLayer
+from rxt.model.feedforward import MoEFeedForward
+from rxt.model.reactive_transformer import ReactiveTransformer
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # sign-folded sin: rxt.model.rope
+
+
+class _FusedLayer:
+    """One decoder layer's single-token step; rows stay ``(B, d)`` throughout."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        self.layer = layer
+        sa, ca = layer.self_attn, layer.cross_attn
+        self.hq, self.hkv, self.hd = sa.num_query_heads, sa.num_kv_heads, sa.head_dim
+        self.cq, self.ckv, self.chd = ca.num_query_heads, ca.num_kv_heads, ca.head_dim
+        self.w_qkv = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+        self.moe = isinstance(layer.ffn, MoEFeedForward)
+        if not self.moe:
+            ffn = layer.ffn
+            self.w_gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
+            self.ffn_dim = ffn.gate_proj.weight.shape[0]
+
+    def __call__(self, x, index, cache, self_mask, angles_self, angles_cross, memory):
+        layer, b = self.layer, x.shape[0]
+        hq, hkv, hd = self.hq, self.hkv, self.hd
+        # Self-attention: one projection; RoPE on queries and keys in one go.
+        heads = F.linear(layer.norm_self(x), self.w_qkv).view(b, hq + 2 * hkv, hd)
+        qk = _rope(heads[:, : hq + hkv], *angles_self)
+        keys, values = cache.append(index, qk[:, hq:, None], heads[:, hq + hkv :, None])
+        out = F.scaled_dot_product_attention(
+            qk[:, :hq, None], keys, values, attn_mask=self_mask, enable_gqa=hq != hkv
+        )
+        x = x + F.linear(out.reshape(b, hq * hd), layer.self_attn.o_proj.weight)
+        # Memory cross-attention over keys/values projected once for the turn.
+        cross = layer.cross_attn
+        q = F.linear(layer.norm_cross(x), cross.q_proj.weight).view(b, self.cq, self.chd)
+        out = F.scaled_dot_product_attention(
+            _rope(q, *angles_cross)[:, :, None],
+            memory.keys[index],
+            memory.values[index],
+            enable_gqa=self.ckv != self.cq,
+        )
+        x = x + F.linear(out.reshape(b, self.cq * self.chd), cross.o_proj.weight)
+        # Feed-forward.
+        h = layer.norm_ffn(x)
+        if self.moe:
+            return x + layer.ffn(h[:, None])[0][:, 0]
+        gate, up = F.linear(h, self.w_gate_up).split(self.ffn_dim, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.ffn.down_proj.weight)
+
+
+class FusedDecodeStep:
+    """``step(tokens, positions, cache, self_mask, memory)`` → next-token logits ``(B, V)``."""
+
+    def __init__(self, model: ReactiveTransformer) -> None:
+        self.model = model
+        self._key: tuple = ()
+        self._storages: list = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the fused weights if any parameter changed since the last build: in place
+        (its version counter moves) or replaced, e.g. by ``p.data = t`` or ``model.to(dtype)``
+        (its storage moves; the old storages are held so an address cannot be reused)."""
+        params = list(self.model.parameters())
+        key = tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in params)
+        if key == self._key:
+            return
+        with torch.no_grad():
+            self.layers = [_FusedLayer(layer) for layer in self.model.decoder.layers]
+        self._key = key
+        self._storages = [p.untyped_storage() for p in params]
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        self_mask: torch.Tensor | None,
+        memory: MemoryKV,
+    ) -> torch.Tensor:
+        """``tokens, positions: (B,)``; ``cache`` has ``append(layer, k, v)`` taking
+        ``(B, H_kv, 1, hd)`` and returning the keys/values to attend, and ``commit()``;
+        ``memory``: this turn's memory keys/values of the B rows."""
+        model = self.model
+        first = model.decoder.layers[0]
+        angles_self = [t[:, None] for t in first.self_attn.rope.angles(positions)]  # (B, 1, hd)
+        angles_cross = angles_self
+        if first.cross_attn.head_dim != first.self_attn.head_dim:
+            angles_cross = [t[:, None] for t in first.cross_attn.rope.angles(positions)]
+        x = model.embed(tokens)  # (B, d)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, index, cache, self_mask, angles_self, angles_cross, memory)
+        cache.commit()
+        return model.lm_head(model.decoder.norm(x))
