@@ -304,7 +304,6 @@ class _Run:
                     [GREEDY] * len(prompts),
                     [None] * len(prompts),
                     [GREEDY] * n,
-                    [None] * n,
                 )
             )
 

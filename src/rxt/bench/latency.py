@@ -16,7 +16,10 @@ Output: a list of records ``{system, turn, prompt_tokens, ttft_s, reply_s, memor
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,19 @@ class LatencySettings(BenchSettings):
             raise ValueError("--warmup and --think-time must be >= 0")
 
 
+@contextmanager
+def _no_gc_pause() -> Iterator[None]:
+    """Collect garbage before a timed run and none during it, for both systems alike: a
+    full collection of the heap (the transformers baseline has a large one) takes several ms
+    and would land in whichever run happened to trigger it."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _timed_turn(conv: Conversation, query: list[int], answer_tokens: int) -> tuple[float, float]:
     """Caller-side (ttft, reply) of one forced-length greedy turn."""
     start = time.perf_counter()
@@ -55,44 +71,49 @@ def _timed_turn(conv: Conversation, query: list[int], answer_tokens: int) -> tup
     return first - start, end - start
 
 
-def _rxt_turn(conv: Conversation, query: list[int], settings: LatencySettings) -> dict:
-    """Medians over ``repeats`` forks answering ``query`` from the conversation's memory."""
-    ttfts, replies, updates = [], [], []
+def _measure_turn(conv: Conversation, query: list[int], baseline, prompt, settings) -> list:
+    """Records of one turn: ``repeats`` runs per system, alternating rxt and stateless run by
+    run so that a slow spell of a shared machine hits both; medians. Returns the records and
+    the stateless answer (which joins its history)."""
+    rxt: dict[str, list[float]] = {"ttft": [], "reply": [], "update": []}
+    runs = []
     for _ in range(settings.repeats):
-        fork = conv.fork()
-        ttft, reply = _timed_turn(fork, query, settings.answer_tokens)
-        fork.wait(timeout=60)
-        ttfts.append(ttft)
-        replies.append(reply)
-        updates.append(fork.last_update.duration_s)
-    prompt = len(query) + 3  # [BOS][Q] query [A]
-    return {
-        "system": "rxt",
-        "prompt_tokens": prompt,
-        "ttft_s": median(ttfts),
-        "reply_s": median(replies),
-        "memory_update_s": median(updates),
-        # decoder: prompt + answer; encoder (asynchronous): the whole interaction again
-        "tokens_processed": 2 * (prompt + settings.answer_tokens),
-    }
+        fork = conv.fork()  # RxT answers from STM_{t-1}; the fork is thrown away
+        with _no_gc_pause():
+            ttft, reply = _timed_turn(fork, query, settings.answer_tokens)
+            fork.wait(timeout=60)
+        rxt["ttft"].append(ttft)
+        rxt["reply"].append(reply)
+        rxt["update"].append(fork.last_update.duration_s)
+        if baseline is not None:
+            from rxt.bench.stateless import timed_generate
 
-
-def _stateless_turn(baseline, prompt: list[int], settings: LatencySettings):
-    from rxt.bench.stateless import timed_generate
-
-    runs = [
-        timed_generate(baseline, prompt, new_tokens=settings.answer_tokens)
-        for _ in range(settings.repeats)
+            with _no_gc_pause():
+                runs.append(timed_generate(baseline, prompt, new_tokens=settings.answer_tokens))
+    rxt_prompt = len(query) + 3  # [BOS][Q] query [A]
+    records = [
+        {
+            "system": "rxt",
+            "prompt_tokens": rxt_prompt,
+            "ttft_s": median(rxt["ttft"]),
+            "reply_s": median(rxt["reply"]),
+            "memory_update_s": median(rxt["update"]),
+            # decoder: prompt + answer; encoder (asynchronous): the whole interaction again
+            "tokens_processed": 2 * (rxt_prompt + settings.answer_tokens),
+        }
     ]
-    record = {
-        "system": "stateless",
-        "prompt_tokens": len(prompt),
-        "ttft_s": median([r.ttft_s for r in runs]),
-        "reply_s": median([r.reply_s for r in runs]),
-        "memory_update_s": None,
-        "tokens_processed": len(prompt) + settings.answer_tokens,
-    }
-    return record, runs[-1].new_token_ids
+    if runs:
+        records.append(
+            {
+                "system": "stateless",
+                "prompt_tokens": len(prompt),
+                "ttft_s": median([r.ttft_s for r in runs]),
+                "reply_s": median([r.reply_s for r in runs]),
+                "memory_update_s": None,
+                "tokens_processed": len(prompt) + settings.answer_tokens,
+            }
+        )
+    return records, (runs[-1].new_token_ids if runs else [])
 
 
 def _live_pass(engine: Engine, settings: LatencySettings, queries, think: float) -> list[dict]:
@@ -152,17 +173,14 @@ def run_latency(settings: LatencySettings, log=print) -> dict:
             f"{config.d_model}-wide, {config.num_layers}-layer decoders; {s.turns} turns of "
             f"{s.query_tokens} + {s.answer_tokens} tokens; think time {think * 1e3:.1f} ms"
         )
-        # Systems alternate turn by turn, so a slow spell of a shared machine hits both.
         conv = engine.conversation(seed=s.seed)
         history: list[int] = []
         for turn, query in enumerate(queries, start=1):
-            turn_records = [{"turn": turn, **_rxt_turn(conv, query, s)}]
+            prompt = [*history, BOS, Q, *query, A]  # stateless: the whole history, then the query
+            turn_records, answer = _measure_turn(conv, query, baseline, prompt, s)
+            turn_records = [{"turn": turn, **r} for r in turn_records]
             conv.ask(query, max_new_tokens=s.answer_tokens, min_new_tokens=s.answer_tokens)
-            if baseline is not None:
-                prompt = [*history, BOS, Q, *query, A]  # the whole history, then the query
-                record, answer = _stateless_turn(baseline, prompt, s)
-                turn_records.append({"turn": turn, **record})
-                history = [*prompt, *answer, EOS]
+            history = [*prompt, *answer, EOS]
             records += turn_records
             if turn == 1 or turn % 8 == 0 or turn == len(queries):
                 log(
@@ -198,12 +216,19 @@ def summarise(records: list[dict], answer_tokens: int, think: float) -> dict:
     out: dict[str, object] = {"think_time_s": think}
     for system, rows in by.items():
         first, last = rows[0], rows[-1]
+        k = max(1, min(4, len(rows) // 2))  # turn 1 vs N alone is hostage to one noisy turn
+
+        def growth(key: str, rows=rows, k=k) -> float:
+            return median([r[key] for r in rows[-k:]]) / median([r[key] for r in rows[:k]])
+
         out[system] = {
             "turns": len(rows),
             "ttft_first_s": first["ttft_s"],
             "ttft_last_s": last["ttft_s"],
             "ttft_growth": last["ttft_s"] / first["ttft_s"],
             "reply_growth": last["reply_s"] / first["reply_s"],
+            f"ttft_growth_last{k}_vs_first{k}": growth("ttft_s"),
+            f"reply_growth_last{k}_vs_first{k}": growth("reply_s"),
             "decode_tokens_per_s_turn1": (answer_tokens - 1) / (first["reply_s"] - first["ttft_s"]),
             "prompt_tokens_last": last["prompt_tokens"],
         }

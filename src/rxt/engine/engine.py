@@ -224,7 +224,6 @@ class Engine:
             [r.params for r in requests],
             [r.generator for r in requests],
             [r.params for r in rows],
-            [r.generator for r in rows],
         )
         self._rows = rows
         self._deliver(tokens, start=len(old))

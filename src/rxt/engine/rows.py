@@ -121,12 +121,11 @@ class RowPool:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         all_params: Sequence[SamplingParams],
-        all_generators: Sequence[torch.Generator | None],
     ) -> list[int]:
         """Prefill new turns into rows ``[n, n + k)``; return each one's first answer token.
 
         ``prompts``: formatted query ids per turn; ``stms``: each conversation's STM (1, L, S, d).
-        ``all_params``/``all_generators`` describe every row after the join (old rows first)."""
+        ``all_params`` describes every row after the join (old rows first)."""
         k = len(prompts)
         self.reserve(k)
         if self.fused is not None:
@@ -150,11 +149,11 @@ class RowPool:
             mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).to(self.device)
         cache = KVCache([c[lo:hi] for c in self.self_k], [c[lo:hi] for c in self.self_v])
         out = model.decoder_forward(
-            ids, attention_mask=mask, kv_cache=cache, memory_kv=memory, last_only=mask is None
+            ids, attention_mask=mask, kv_cache=cache, memory_kv=memory, last_only=True
         )
         if mask is None:
             logits = out.logits[:, -1]
-        else:
+        else:  # each row's last real token, not the padded end
             last = torch.tensor(lengths, device=self.device) - 1
             logits = model.lm_head(out.hidden_states[torch.arange(k, device=self.device), last])
 
