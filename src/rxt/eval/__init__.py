@@ -1,0 +1,1 @@
+"""Evaluation: recall by distance, perplexity, BLEU and the composite reward."""
