@@ -1,0 +1,2 @@
+"""Training: one loop shared by every curriculum stage (:mod:`rxt.training.loop`) and the stages
+themselves, each supplying its batches, its loss and which modules train (``rxt.md`` §6)."""

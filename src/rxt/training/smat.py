@@ -1,0 +1,293 @@
+"""Stage 4, supervised memory-aware training (SMAT; ``rxt.md`` §6).
+
+For each dialogue: STM_0 is random (updated with the system prompt, if any); turn 1 is decoded
+from STM_0; then for t = 1..N−1, ED_t = Enc(I_t), STM_t = MemAttn(STM_{t−1}, ED_t), and turn t+1
+is decoded from STM_t. The loss is the answer-token cross-entropy summed over all turns (answer
+tokens and the closing [EOS], the tokenizer's ``loss_mask``), divided by the number of those
+tokens, plus the MoE balance loss.
+
+Efficient formulation (equal to a per-turn loop up to float rounding, see the tests): the
+encoder runs **once** over every turn of the batch (turns stacked as extra rows), the memory
+updates run in sequence over turns, and the decoder runs **once** over every turn, turn t's rows
+reading STM_{t−1}. Dialogues of a batch are sorted longest first, so the dialogues still active at
+turn t are a prefix of the batch: a dialogue that has ended simply drops out of later updates
+and reads, with no padding turns at all.
+
+``gradient_horizon``: ``None`` back-propagates through the whole chain of memory updates (the
+paper's formulation); ``k`` detaches the STM entering update u whenever u % k == 0 (truncated
+back-propagation in chunks of k updates; k = 1 is the reference code's one-step horizon, where
+turn t's loss reaches only the update that wrote the STM it reads).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rxt.data.dialogue import Dialogue
+from rxt.model.reactive_transformer import ReactiveTransformer
+from rxt.tokenizer import RxTTokenizer
+
+__all__ = ["SmatBatch", "SmatConfig", "SmatForward", "SmatStage", "smat_forward"]
+
+ALL_MODULES = ("decoder", "memory_attention", "encoder", "embed", "lm_head", "stm_init")
+
+
+@dataclass(frozen=True)
+class SmatConfig:
+    """``unfreeze``: ``(from_step, module names)`` pairs; a module trains from its ``from_step``
+    on (names are attributes of the model, e.g. ``decoder``, ``memory_attention``, ``encoder``,
+    ``embed``, ``lm_head``, ``stm_init``). With tied embeddings, ``embed`` and ``lm_head`` are one
+    tensor: it trains as soon as either does."""
+
+    batch_size: int = 16
+    gradient_horizon: int | None = None  # None = full back-propagation through memory updates
+    unfreeze: tuple[tuple[int, tuple[str, ...]], ...] = ((0, ALL_MODULES),)
+    stm_seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"SmatConfig.{name}: {message}, got {getattr(self, name)!r}")
+
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            fail("batch_size", "must be an int >= 1")
+        h = self.gradient_horizon
+        if h is not None and (type(h) is not int or h < 1):
+            fail("gradient_horizon", "must be None (full) or an int >= 1")
+        if type(self.stm_seed) is not int or self.stm_seed < 0:
+            fail("stm_seed", "must be an int >= 0")
+        try:
+            schedule = tuple((int(s), tuple(names)) for s, names in self.unfreeze)
+        except (TypeError, ValueError):
+            fail("unfreeze", "must be a sequence of (from_step, (module names...)) pairs")
+        starts = [s for s, _ in schedule]
+        if not schedule or starts[0] != 0 or starts != sorted(starts):
+            fail("unfreeze", "needs increasing from_step values starting at 0")
+        if not all(names and all(isinstance(n, str) for n in names) for _, names in schedule):
+            fail("unfreeze", "each entry needs a non-empty tuple of module names")
+        object.__setattr__(self, "unfreeze", schedule)
+
+
+@dataclass
+class SmatBatch:
+    """One tokenised batch, dialogues sorted longest first.
+
+    - ``indices``: each dialogue's index in the stage's list;
+    - ``positions``: stream position of each dialogue (seeds its STM_0);
+    - ``active``: ``active[t]`` = number of dialogues with more than t turns (non-increasing);
+    - ``input_ids``/``attention_mask``/``loss_mask``: ``(P, T)`` right-padded interactions of
+      every turn, turn-major: turn t's rows are dialogues ``0..active[t]-1``;
+    - ``system_*``: system prompts ``(R, T_s)`` of dialogues ``system_rows`` (or None).
+    """
+
+    indices: list[int]
+    positions: list[int]
+    active: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    system_rows: list[int] = field(default_factory=list)
+    system_ids: torch.Tensor | None = None
+    system_mask: torch.Tensor | None = None
+
+    @property
+    def answer_tokens(self) -> int:
+        return int(self.loss_mask[:, 1:].sum())
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens of every turn: the throughput unit."""
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class SmatForward:
+    """``token_ce: (P, T-1)`` per-token CE (0 off the loss mask); ``reads[t]``: the STM turn t
+    read, ``(active[t], L, S, d)``; ``aux``: the decoder's MoE loss or None."""
+
+    token_ce: torch.Tensor
+    reads: list[torch.Tensor]
+    aux: torch.Tensor | None
+
+
+def _stm_seed(stm_seed: int, position: int) -> int:
+    return (stm_seed * 0x9E3779B97F4A7C15 + position) % (1 << 63)
+
+
+def initial_stm(model: ReactiveTransformer, stm_seed: int, positions: Sequence[int]):
+    """STM_0 of each dialogue, seeded from ``(stm_seed, stream position)``."""
+    return torch.cat(
+        [
+            model.initial_stm(1, generator=torch.Generator().manual_seed(_stm_seed(stm_seed, p)))
+            for p in positions
+        ]
+    )
+
+
+def smat_forward(
+    model: ReactiveTransformer,
+    batch: SmatBatch,
+    *,
+    stm_seed: int = 0,
+    gradient_horizon: int | None = None,
+) -> SmatForward:
+    """The efficient SMAT forward pass (module docstring)."""
+    device = model.device
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    active = batch.active
+    offsets = [0]
+    for n in active:
+        offsets.append(offsets[-1] + n)
+
+    stm = initial_stm(model, stm_seed, batch.positions)
+    if batch.system_rows:
+        rows = torch.tensor(batch.system_rows, device=device)
+        written = model.update_memory(
+            stm[rows], batch.system_ids.to(device), batch.system_mask.to(device)
+        )
+        stm = stm.index_copy(0, rows, written.to(stm.dtype))  # autocast may return bf16
+
+    # Encoder once over every interaction some later turn reads: turn t of each dialogue that
+    # has a turn t+1 (the active prefix of length active[t+1] of turn t's rows).
+    encode_rows = [
+        torch.arange(offsets[t], offsets[t] + active[t + 1], device=device)
+        for t in range(len(active) - 1)
+    ]
+    reads = [stm]
+    if encode_rows:
+        index = torch.cat(encode_rows)
+        encoded = model.encode(ids[index], mask[index])
+        start = 0
+        for t in range(len(active) - 1):
+            n = active[t + 1]
+            if gradient_horizon is not None and t % gradient_horizon == 0:
+                stm = stm.detach()
+            part = slice(start, start + n)
+            stm = model.memory_attention(stm[:n], encoded[part], mask[index[part]])
+            reads.append(stm)
+            start += n
+
+    out = model.decoder_forward(ids, torch.cat(reads), attention_mask=mask)
+    logits = out.logits[:, :-1].float()
+    targets = ids[:, 1:]
+    weight = batch.loss_mask[:, 1:].to(device=device, dtype=logits.dtype)
+    token_ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(weight)
+    return SmatForward(token_ce=token_ce * weight, reads=reads, aux=out.aux_loss)
+
+
+class SmatStage:
+    """Stage 4 for :func:`rxt.training.loop.train`.
+
+    ``batch(index)`` holds the dialogues at stream positions ``index * batch_size + j``;
+    position p is dialogue ``perm_e[p % n]`` of epoch ``e = p // n``, with ``perm_e`` a shuffle
+    seeded from ``(seed, e)``: every batch is a pure function of its index.
+    """
+
+    name = "smat"
+
+    def __init__(
+        self,
+        dialogues: Sequence[Dialogue],
+        tokenizer: RxTTokenizer,
+        config: SmatConfig = SmatConfig(),
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(config, SmatConfig):
+            raise TypeError(f"config must be a SmatConfig, got {type(config).__name__}")
+        self.dialogues = list(dialogues)
+        if not self.dialogues:
+            raise ValueError("SMAT needs at least one dialogue")
+        for k, d in enumerate(self.dialogues):
+            if not isinstance(d, Dialogue):
+                raise TypeError(f"dialogues[{k}] must be a Dialogue, got {type(d).__name__}")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ data
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.dialogues)))
+            random.Random(f"smat:{self.seed}:{epoch}").shuffle(order)
+            self._perms = {epoch: order}  # batches move forward: keep only the current epoch
+        return self._perms[epoch]
+
+    def batch(self, index: int) -> SmatBatch:
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        n, size = len(self.dialogues), self.config.batch_size
+        positions = list(range(index * size, (index + 1) * size))
+        chosen = [(p, self._permutation(p // n)[p % n]) for p in positions]
+        # Longest first (stable: ties keep stream order), so active dialogues form a prefix.
+        chosen.sort(key=lambda pi: -len(self.dialogues[pi[1]].turns))
+        dialogues = [self.dialogues[i] for _, i in chosen]
+        most = len(dialogues[0].turns)
+        active = [sum(len(d.turns) > t for d in dialogues) for t in range(most)]
+        pairs = [
+            (d.turns[t].query, d.turns[t].answer)
+            for t in range(most)
+            for d in dialogues[: active[t]]
+        ]
+        encoded = self.tokenizer.batch_encode_interactions(pairs)
+        batch = SmatBatch(
+            indices=[i for _, i in chosen],
+            positions=[p for p, _ in chosen],
+            active=active,
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            loss_mask=encoded["loss_mask"],
+        )
+        systems = [(r, d.system) for r, d in enumerate(dialogues) if d.system is not None]
+        if systems:
+            seqs = [self.tokenizer.encode_system(text) for _, text in systems]
+            width = max(len(s) for s in seqs)
+            batch.system_ids = torch.full((len(seqs), width), self.tokenizer.pad_id)
+            batch.system_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                batch.system_ids[row, : len(seq)] = torch.tensor(seq)
+                batch.system_mask[row, : len(seq)] = 1
+            batch.system_rows = [r for r, _ in systems]
+        return batch
+
+    # ------------------------------------------------------------------ training
+    def trainable(self, model: nn.Module, step: int) -> list[nn.Parameter]:
+        params: dict[int, nn.Parameter] = {}
+        for from_step, names in self.config.unfreeze:
+            if from_step > step:
+                break
+            for name in names:
+                module = getattr(model, name, None)
+                if not isinstance(module, nn.Module):
+                    raise ValueError(f"SmatConfig.unfreeze: the model has no module {name!r}")
+                params.update((id(p), p) for p in module.parameters())
+        return list(params.values())
+
+    def loss(
+        self, model: ReactiveTransformer, batch: SmatBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = smat_forward(
+            model,
+            batch,
+            stm_seed=self.config.stm_seed,
+            gradient_horizon=self.config.gradient_horizon,
+        )
+        tokens = max(batch.answer_tokens, 1)
+        ce = out.token_ce.sum() / tokens
+        loss = ce if out.aux is None else ce + out.aux
+        metrics = {
+            "ce": ce.item(),
+            "answer_tokens": float(batch.answer_tokens),
+            "tokens": float(batch.tokens),
+        }
+        if out.aux is not None:
+            metrics["aux"] = out.aux.item()
+        return loss, metrics
