@@ -14,8 +14,8 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue, Probe, Turn
 from rxt.eval import recall
-from rxt.eval.recall import RecallReport, donor, evaluate_dialogues, greedy_batch
-from rxt.generation import greedy_answer
+from rxt.eval.recall import RecallReport, donor, evaluate_dialogues
+from rxt.generation import greedy_answer, greedy_batch
 from rxt.tokenizer import RxTTokenizer
 
 MODES = ("on", "off", "swapped")

@@ -28,8 +28,8 @@ Dialogues are processed ``batch_size`` at a time and turn by turn: interactions 
 attention masks, rows leaving the batch as their dialogue ends. Probe answers are generated for
 all of a turn's probe rows at once: prompts left-padded with an attention mask, memory K/V
 projected once, one KV cache, one cached step per token until every row has emitted ``[EOS]``
-(:func:`greedy_batch`; it equals :func:`rxt.generation.greedy_answer` row by row). Results equal
-those of ``batch_size=1`` up to floating-point summation order.
+(:func:`rxt.generation.greedy_batch`, equal to :func:`rxt.generation.greedy_answer` row by
+row). Results equal those of ``batch_size=1`` up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ from typing import Any, Literal
 import torch
 
 from rxt.data.dialogue import Dialogue
+from rxt.generation import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import EncodedInteraction, RxTTokenizer
 
-__all__ = ["MemoryMode", "RecallReport", "donor", "evaluate_dialogues", "greedy_batch"]
+__all__ = ["MemoryMode", "RecallReport", "donor", "evaluate_dialogues"]
 
 MemoryMode = Literal["on", "off", "swapped"]
 _MODES = ("on", "off", "swapped")
@@ -95,76 +96,6 @@ def donor(lengths: Sequence[int], i: int, t: int) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def greedy_batch(
-    model: ReactiveTransformer,
-    prompts: Sequence[Sequence[int]],
-    stm: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    eos_id: int,
-) -> list[list[int]]:
-    """Greedy answers for a batch of prompts, row b reading memory ``stm[b]``.
-
-    Prompts are left-padded (attention mask, positions following the mask) and decoded with one
-    KV cache. Each row's answer stops after ``eos_id`` (included, as in
-    :func:`rxt.generation.greedy_answer`) or ``max_new_tokens`` tokens; the loop ends when every
-    row has stopped.
-    """
-    b = len(prompts)
-    if b == 0:
-        return []
-    if stm.shape[0] != b:
-        raise ValueError(f"stm has {stm.shape[0]} rows for {b} prompts")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    width = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("empty prompt")
-    limit = model.config.max_seq_len
-    if width + max_new_tokens > limit:
-        raise ValueError(
-            f"a prompt of {width} tokens plus max_new_tokens={max_new_tokens} exceeds "
-            f"max_seq_len={limit}"
-        )
-    device = model.device
-    ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-
-    memory = model.memory_kv(stm)
-    cache = model.new_kv_cache(b, capacity=width + max_new_tokens)
-    logits = model.decode(
-        ids, memory_kv=memory, kv_cache=cache, attention_mask=mask, last_only=True
-    )
-    steps = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    ones = torch.ones((b, 1), dtype=mask.dtype, device=device)
-    for step in range(1, max_new_tokens + 1):
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        steps.append(token)
-        done |= token.squeeze(1) == eos_id
-        if step == max_new_tokens or bool(done.all()):
-            break
-        mask = torch.cat([mask, ones], dim=1)
-        logits = model.decode(
-            token,
-            memory_kv=memory,
-            kv_cache=cache,
-            attention_mask=mask,
-            last_only=True,
-            check_inputs=False,
-        )
-    answers = []
-    for row in torch.cat(steps, dim=1).tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        answers.append(row)
-    return answers
-
-
 def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device):
     width = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
