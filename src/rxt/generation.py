@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from rxt.model.reactive_transformer import ReactiveTransformer
+from rxt.tokenizer import pad_sequences
 
 
 def _check_budget(model: ReactiveTransformer, prompt_ids: torch.Tensor, max_new_tokens: int):
@@ -125,11 +126,7 @@ def greedy_batch(
             f"max_seq_len={limit}"
         )
     device = model.device
-    ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = pad_sequences(prompts, left=True)
     ids, mask = ids.to(device), mask.to(device)
 
     memory = model.memory_kv(stm)

@@ -74,6 +74,25 @@ class _SpecialId:
         raise AttributeError("special-token ids are fixed")
 
 
+def pad_sequences(
+    seqs: Sequence[Sequence[int]],
+    *,
+    left: bool = False,
+    pad_id: int = 0,
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into ``ids (B, width)`` and ``attention_mask (B, width)`` (1 = real token),
+    on the right (training, encoder, prefill) or the left (batched generation)."""
+    width = max((len(s) for s in seqs), default=0) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 class RxTTokenizer:
     """Wraps a ``tokenizers.Tokenizer`` whose first 8 ids are :data:`SPECIAL_TOKENS`.
 
@@ -269,14 +288,10 @@ class RxTTokenizer:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
             if max_length is not None:
                 width = min(width, max_length)
-        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = len(e.input_ids)
-            input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-            attention_mask[row, :n] = 1
-            loss_mask[row, :n] = torch.tensor(e.loss_mask, dtype=torch.long)
+        input_ids, attention_mask = pad_sequences(
+            [e.input_ids for e in encoded], pad_id=self.pad_id, width=width
+        )
+        loss_mask, _ = pad_sequences([e.loss_mask for e in encoded], width=width)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
     def __repr__(self) -> str:

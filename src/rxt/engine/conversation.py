@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rxt.engine.sampling import SamplingParams
+from rxt.engine.sampling import SamplingParams, make_generator
 from rxt.engine.state import stm_from_bytes, stm_to_bytes
 from rxt.engine.stream import EngineError, TurnRequest, TurnResult, TurnStream
 from rxt.engine.updater import UpdateJob, UpdateTiming
@@ -179,9 +179,7 @@ class Conversation:
                 f"query of {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} "
                 f"exceeds the model's max_seq_len={limit}"
             )
-        generator = self._generator
-        if params.seed is not None:
-            generator = torch.Generator(engine.model.device).manual_seed(params.seed)
+        generator = make_generator(params, engine.model.device) or self._generator
         with self._cond:
             self._pending += 1
             self._submitted += 1

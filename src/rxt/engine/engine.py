@@ -213,9 +213,6 @@ class Engine:
             self._pool = RowPool(
                 self.model, self.max_batch_size, self.tokenizer.eos_id, fused=self.fused_decode
             )
-        now = time.perf_counter()
-        for request in requests:
-            request.admitted_at = now
         old = self._rows
         rows = old + requests
         tokens = self._pool.join(

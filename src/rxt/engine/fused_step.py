@@ -4,8 +4,8 @@ At inference sizes a decode step is dispatch-bound: the arithmetic of a 160-wide
 microseconds, while each PyTorch call costs one to a few. This step computes exactly what
 :class:`~rxt.model.decoder.GeneratorDecoder` computes for a single token in eval mode, but with
 the projections that read the same input fused (q/k/v as one matrix, gate/up as one), RoPE
-applied to queries and keys together, rows kept 2-D between attentions and no module calls —
-about half the dispatches. ``tests/test_engine_fast_path.py`` checks it against the module path.
+applied to queries and keys together, rows kept 2-D between attentions, and modules entered
+through ``forward`` (no hook dispatch): about half the dispatches. ``tests/test_engine_fast_path.py`` checks it against the module path.
 
 The fused matrices are copies of the model's weights; :meth:`FusedDecodeStep.refresh` rebuilds
 them when a parameter changed (the engine calls it once per admitted batch of turns).
@@ -19,20 +19,8 @@ import torch.nn.functional as F
 from rxt.model.cache import MemoryKV
 from rxt.model.decoder import DecoderLayer
 from rxt.model.feedforward import MoEFeedForward
-from rxt.model.norm import RMSNorm
 from rxt.model.reactive_transformer import ReactiveTransformer
-
-
-def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-    # The module itself for half types (it normalises in float32); otherwise the same call
-    # without the module dispatch, which is a measurable share of a dispatch-bound step.
-    if x.dtype != norm.weight.dtype or x.dtype in (torch.float16, torch.bfloat16):
-        return norm(x)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # sign-folded sin: rxt.model.rope
+from rxt.model.rope import RopeAngles
 
 
 class _FusedLayer:
@@ -57,8 +45,8 @@ class _FusedLayer:
         layer, b = self.layer, x.shape[0]
         hq, hkv, hd = self.hq, self.hkv, self.hd
         # Self-attention: one projection; RoPE on queries and keys in one go.
-        heads = F.linear(_norm(x, layer.norm_self), self.w_qkv).view(b, hq + 2 * hkv, hd)
-        qk = _rope(heads[:, : hq + hkv], *angles_self)
+        heads = F.linear(layer.norm_self.forward(x), self.w_qkv).view(b, hq + 2 * hkv, hd)
+        qk = layer.self_attn.rope.forward(heads[:, : hq + hkv], angles_self)
         keys, values = cache.append(index, qk[:, hq:, None], heads[:, hq + hkv :, None])
         out = F.scaled_dot_product_attention(
             qk[:, :hq, None], keys, values, attn_mask=self_mask, enable_gqa=hq != hkv
@@ -66,16 +54,16 @@ class _FusedLayer:
         x = x + F.linear(out.reshape(b, hq * hd), layer.self_attn.o_proj.weight)
         # Memory cross-attention over keys/values projected once for the turn.
         cross = layer.cross_attn
-        q = F.linear(_norm(x, layer.norm_cross), cross.q_proj.weight).view(b, self.cq, self.chd)
+        q = F.linear(layer.norm_cross.forward(x), cross.q_proj.weight).view(b, self.cq, self.chd)
         out = F.scaled_dot_product_attention(
-            _rope(q, *angles_cross)[:, :, None],
+            cross.rope.forward(q, angles_cross)[:, :, None],
             memory.keys[index],
             memory.values[index],
             enable_gqa=self.ckv != self.cq,
         )
         x = x + F.linear(out.reshape(b, self.cq * self.chd), cross.o_proj.weight)
         # Feed-forward.
-        h = _norm(x, layer.norm_ffn)
+        h = layer.norm_ffn.forward(x)
         if self.moe:
             return x + self._experts(h)
         gate, up = F.linear(h, self.w_gate_up).split(self.ffn_dim, dim=-1)
@@ -139,13 +127,12 @@ class FusedDecodeStep:
         ``(B, H_kv, 1, hd)`` and returning the keys/values to attend, and ``commit()``;
         ``memory``: this turn's memory keys/values of the B rows."""
         model = self.model
-        first = model.decoder.layers[0]
-        angles_self = [t[:, None] for t in first.self_attn.rope.angles(positions)]  # (B, 1, hd)
-        angles_cross = angles_self
-        if first.cross_attn.head_dim != first.self_attn.head_dim:
-            angles_cross = [t[:, None] for t in first.cross_attn.rope.angles(positions)]
+        # (B, hd) tables → (B, 1, hd): rows stay 2-D here, so broadcast over heads.
+        angles_self, angles_cross = (
+            RopeAngles(a.cos[:, None], a.sin[:, None]) for a in model.decoder.rope_angles(positions)
+        )
         x = F.embedding(tokens, model.embed.weight)  # (B, d)
         for index, layer in enumerate(self.layers):
             x = layer(x, index, cache, self_mask, angles_self, angles_cross, memory)
         cache.commit()
-        return F.linear(_norm(x, model.decoder.norm), model.lm_head.weight)
+        return F.linear(model.decoder.norm.forward(x), model.lm_head.weight)

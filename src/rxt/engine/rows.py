@@ -23,6 +23,7 @@ from rxt.engine.sampling import RowSampling, SamplingParams, mark_seen, next_tok
 from rxt.model.cache import KVCache, MemoryKV
 from rxt.model.decoder import DecodeContext
 from rxt.model.reactive_transformer import ReactiveTransformer
+from rxt.tokenizer import pad_sequences
 
 
 class _RaggedCache:
@@ -139,14 +140,9 @@ class RowPool:
         memory = MemoryKV([m[lo:hi] for m in self.mem_k], [m[lo:hi] for m in self.mem_v])
 
         lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        ids = torch.zeros(k, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids, mask = pad_sequences(prompts)  # right padding: real tokens sit at 0..len-1
         ids = ids.to(self.device)
-        mask = None
-        if min(lengths) != width:  # right padding: each row's real tokens sit at 0..len-1
-            mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).to(self.device)
+        mask = mask.to(self.device) if min(lengths) != max(lengths) else None
         cache = KVCache([c[lo:hi] for c in self.self_k], [c[lo:hi] for c in self.self_v])
         out = model.decoder_forward(
             ids, attention_mask=mask, kv_cache=cache, memory_kv=memory, last_only=True

@@ -69,7 +69,6 @@ class TurnRequest:
     generator: torch.Generator | None
     turn: int
     submitted_at: float = field(default_factory=time.perf_counter)
-    admitted_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     blocked_until: float = 0.0  # when the previous update, if it was pending, finished

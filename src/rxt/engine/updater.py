@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rxt.model.reactive_transformer import ReactiveTransformer
+from rxt.tokenizer import pad_sequences
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,9 @@ class MemoryUpdater:
     def _compute(self, jobs: list[UpdateJob]) -> list[torch.Tensor]:
         model, device = self.model, self.model.device
         lengths = [len(job.interaction) for job in jobs]
-        width = max(lengths)
-        ids = torch.zeros(len(jobs), width, dtype=torch.long)
-        for i, job in enumerate(jobs):
-            ids[i, : lengths[i]] = torch.tensor(list(job.interaction), dtype=torch.long)
-        mask = None
-        if min(lengths) != width:
-            mask = torch.arange(width) < torch.tensor(lengths)[:, None]
+        ids, mask = pad_sequences([job.interaction for job in jobs])
+        if min(lengths) == max(lengths):
+            mask = None
         on_stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
         with torch.no_grad(), on_stream:
             if self._stream is not None:

@@ -44,7 +44,7 @@ import torch
 from rxt.data.dialogue import Dialogue
 from rxt.generation import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
-from rxt.tokenizer import EncodedInteraction, RxTTokenizer
+from rxt.tokenizer import EncodedInteraction, RxTTokenizer, pad_sequences
 
 __all__ = ["MemoryMode", "RecallReport", "donor", "evaluate_dialogues"]
 
@@ -95,14 +95,8 @@ def donor(lengths: Sequence[int], i: int, t: int) -> tuple[int, int]:
     return j, lengths[j]
 
 
-@torch.inference_mode()
 def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, : len(seq)] = 1
+    ids, mask = pad_sequences(seqs)
     return ids.to(device), mask.to(device)
 
 

@@ -104,17 +104,20 @@ class GeneratorDecoder(nn.Module):
         mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         return MemoryKV(keys, values, mask)
 
+    def rope_angles(self, positions: torch.Tensor) -> tuple[RopeAngles, RopeAngles]:
+        """RoPE tables of ``positions`` for self- and cross-attention queries (one gather for
+        both when their head widths agree), shared by every layer of a call."""
+        first = self.layers[0]
+        angles = first.self_attn.rope.angles(positions)
+        if first.cross_attn.head_dim == first.self_attn.head_dim:
+            return angles, angles
+        return angles, first.cross_attn.rope.angles(positions)
+
     def forward(
         self, x: torch.Tensor, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns final-normed hidden states ``(B, T, d)`` and the summed MoE balance loss."""
-        first = self.layers[0]
-        self_angles = first.self_attn.rope.angles(ctx.positions)
-        cross_angles = (
-            self_angles
-            if first.cross_attn.head_dim == first.self_attn.head_dim
-            else first.cross_attn.rope.angles(ctx.positions)
-        )
+        self_angles, cross_angles = self.rope_angles(ctx.positions)
         ctx = replace(ctx, self_angles=self_angles, cross_angles=cross_angles)
         aux_total = None
         # A KV cache is appended to inside the layer; recomputing it would append twice.

@@ -23,4 +23,5 @@ class RMSNorm(nn.Module):
         shape = self.weight.shape
         if x.dtype in (torch.float16, torch.bfloat16):
             return F.rms_norm(x.float(), shape, self.weight.float(), self.eps).to(x.dtype)
-        return F.rms_norm(x, shape, self.weight.to(x.dtype), self.eps)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, shape, weight, self.eps)

@@ -31,7 +31,7 @@ from torch import nn
 
 from rxt.data.dialogue import Dialogue
 from rxt.model.reactive_transformer import ReactiveTransformer
-from rxt.tokenizer import RxTTokenizer
+from rxt.tokenizer import RxTTokenizer, pad_sequences
 
 __all__ = ["SmatBatch", "SmatConfig", "SmatForward", "SmatStage", "smat_forward"]
 
@@ -249,12 +249,7 @@ class SmatStage:
         systems = [(r, d.system) for r, d in enumerate(dialogues) if d.system is not None]
         if systems:
             seqs = [self.tokenizer.encode_system(text) for _, text in systems]
-            width = max(len(s) for s in seqs)
-            batch.system_ids = torch.full((len(seqs), width), self.tokenizer.pad_id)
-            batch.system_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                batch.system_ids[row, : len(seq)] = torch.tensor(seq)
-                batch.system_mask[row, : len(seq)] = 1
+            batch.system_ids, batch.system_mask = pad_sequences(seqs, pad_id=self.tokenizer.pad_id)
             batch.system_rows = [r for r, _ in systems]
         return batch
 
