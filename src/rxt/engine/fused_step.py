@@ -5,7 +5,8 @@ microseconds, while each PyTorch call costs one to a few. This step computes exa
 :class:`~rxt.model.decoder.GeneratorDecoder` computes for a single token in eval mode, but with
 the projections that read the same input fused (q/k/v as one matrix, gate/up as one), RoPE
 applied to queries and keys together, rows kept 2-D between attentions, and modules entered
-through ``forward`` (no hook dispatch): about half the dispatches. ``tests/test_engine_fast_path.py`` checks it against the module path.
+through ``forward`` (no hook dispatch): about half the dispatches.
+``tests/test_engine_fast_path.py`` checks it against the module path.
 
 The fused matrices are copies of the model's weights; :meth:`FusedDecodeStep.refresh` rebuilds
 them when a parameter changed (the engine calls it once per admitted batch of turns).
