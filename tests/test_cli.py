@@ -1,6 +1,5 @@
 """The command line: `rxt info`, `rxt demo --quick`, `python -m rxt`, user errors."""
 
-import itertools
 import json
 import subprocess
 import sys
@@ -21,25 +20,32 @@ def test_info_json_reports_every_preset(capsys):
     assert flops["user_facing"] == flops["memory_kv"] + flops["prefill"] + flops["generation"]
 
 
-def test_demo_quick_writes_a_loadable_model_and_per_turn_records(tmp_path, capsys):
+def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "demo.json").read_text())
-    turns = summary["turns"]
-    assert [t["turn"] for t in turns] == [1, 2, 3, 4]
-    # RxT's prompt is the current query only; a stateless model's grows with every turn.
-    assert max(t["prompt_tokens"] for t in turns) < turns[-1]["stateless_prompt_tokens"]
-    assert all(
-        t["stateless_prompt_tokens"] > p["stateless_prompt_tokens"]
-        for p, t in itertools.pairwise(turns)
-    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    systems = report["systems"]
+    assert set(systems) >= {"rxt", "rxt-memory-off", "stateless-full-history",
+                            "stateless-current-turn"}  # fmt: skip
+    for entry in systems.values():
+        assert set(entry) >= {"recall_by_distance", "perplexity", "accuracy", "reward"}
+        assert all(0 <= v <= 1 for v in entry["recall_by_distance"].values())
+    assert set(report["ablations"]) == {"ablation-no-memory", "ablation-horizon-1"}
+    assert {t["target"] for t in report["targets"]} >= {"RxT recall >= 0.90 at distances 1-2"}
+    # Every training stage ran for its planned steps.
+    assert all(t["steps"] >= 1 for t in report["training"].values())
+    assert len(report["training"]) == 12
+    # Latency was measured on the trained model, both systems, every turn.
+    assert {r["system"] for r in report["latency"]} == {"rxt", "stateless"}
+    for name in ("report.md", "recall_vs_distance.png", "latency_vs_turn.png", "recipe.yaml"):
+        assert (tmp_path / name).stat().st_size > 0
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
     assert model.tokenizer is not None
-    assert "untrained" in capsys.readouterr().out
+    assert "report:" in capsys.readouterr().out
 
 
 def test_user_error_is_one_line_not_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--preset", "nope"])
+        main(["bench", "latency", "--preset", "nope"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 

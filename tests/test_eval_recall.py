@@ -357,3 +357,21 @@ def test_rejects_bad_arguments(model, tokenizer, dialogues):
         run(model, tokenizer, [long])
     with pytest.raises(ValueError, match="max_seq_len"):
         run(model, tokenizer, dialogues, max_new_tokens=model.config.max_seq_len)
+
+
+def test_replies_are_the_greedy_answers_of_every_turn(model, tokenizer, dialogues):
+    plain = run(model, tokenizer, dialogues[:4])
+    with_replies = run(model, tokenizer, dialogues[:4], replies=True, batch_size=3)
+    assert plain.replies is None
+    assert with_replies.recall == plain.recall  # generating more rows changes no score
+    assert with_replies.perplexity == pytest.approx(plain.perplexity)
+    # Each reply is what greedy_answer gives from the STM that turn reads.
+    stm = model.initial_stm(1, generator=torch.Generator().manual_seed(0))
+    d = dialogues[0]
+    for t, turn in enumerate(d.turns):
+        prompt = torch.tensor([tokenizer.encode_query(turn.query)])
+        ids = greedy_answer(model, prompt, stm, max_new_tokens=4, eos_id=tokenizer.eos_id)
+        assert with_replies.replies[0][t] == tokenizer.decode(ids).strip()
+        encoded = tokenizer.encode_interaction(turn.query, turn.answer)
+        stm = model.update_memory(stm, torch.tensor([encoded.input_ids]))
+    assert [len(r) for r in with_replies.replies] == [len(d.turns) for d in dialogues[:4]]

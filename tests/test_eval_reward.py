@@ -149,3 +149,28 @@ def test_range_on_random_strings(rows, weights) -> None:
     r = reward(gen, ref, hist, weights=weights)
     assert r.shape == (len(rows),)
     assert torch.isfinite(r).all() and ((r >= 0) & (r <= 10)).all()
+
+
+def test_dialogue_rewards_score_follow_up_turns_against_gold_history():
+    from rxt.data.dialogue import Dialogue, Turn
+    from rxt.eval.reward import dialogue_rewards
+
+    d = Dialogue(
+        "a",
+        (
+            Turn("My cat is Tom.", "Noted."),
+            Turn("Who is my cat?", "Tom"),
+            Turn("And the dog?", "Rex"),
+        ),
+    )
+    scores = dialogue_rewards([d], [["x", "Tom", "Rex"]])
+    expected = reward(
+        ["Tom", "Rex"],
+        ["Tom", "Rex"],
+        [["My cat is Tom.", "Noted."], ["My cat is Tom.", "Noted.", "Who is my cat?", "Tom"]],
+    )
+    assert torch.equal(scores, expected)  # turn 1 (no history) is not scored
+    with pytest.raises(ValueError, match="2 replies for 3 turns"):
+        dialogue_rewards([d], [["x", "y"]])
+    with pytest.raises(ValueError, match="no follow-up turns"):
+        dialogue_rewards([Dialogue("b", (Turn("q", "a"),))], [["a"]])

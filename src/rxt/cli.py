@@ -50,12 +50,10 @@ def cmd_info(preset: str | None, as_json: bool, query_tokens: int, answer_tokens
     return 0
 
 
-def cmd_demo(out: str, preset: str, turns: int, quick: bool, threads: int | None) -> int:
+def cmd_demo(out: str, quick: bool, workers: int) -> int:
     from rxt.demo import run_demo
 
-    if quick:
-        preset, turns = "tiny", min(turns, 4)
-    run_demo(out, preset=preset, turns=turns, answer_tokens=8 if quick else 24, threads=threads)
+    run_demo(out, quick=quick, workers=workers)
     return 0
 
 
@@ -86,6 +84,89 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     speedups = ", ".join(f"{c}: ×{x:.2f}" for c, x in result["summary"]["speedup_vs_first"].items())
     print(f"tokens/s relative to {settings.concurrency[0]} conversation(s): {speedups}")
     _write_results(args.json, result)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One curriculum stage of a recipe (also under ``torchrun``: data-parallel)."""
+    from rxt.training.run import run_stage
+
+    _set_threads(args.threads)
+    last = run_stage(
+        args.stage,
+        args.config,
+        args.out,
+        resume=args.resume,
+        init=args.init,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    print(json.dumps({"stage": args.stage, **last}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Recall by distance, perplexity, accuracy and reward of a saved model on a JSONL file."""
+    from rxt.data.dialogue import read_dialogues
+    from rxt.eval.evaluate import evaluate_model_dir
+
+    _set_threads(args.threads)
+    dialogues = read_dialogues(args.data)
+    if args.limit is not None:
+        dialogues = dialogues[: args.limit]
+    systems = evaluate_model_dir(
+        args.model_dir,
+        dialogues,
+        memory_modes=args.memory,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        reward=not args.no_reward,
+    )
+    report = {
+        "model_dir": args.model_dir,
+        "data": args.data,
+        "dialogues": len(dialogues),
+        "systems": systems,
+    }
+    for name, entry in systems.items():
+        recall = entry["recall"]
+        reward = entry.get("reward", {}).get("mean")
+        print(
+            f"{name:<24} recall {'-' if recall is None else f'{recall:.3f}'}  "
+            f"ppl {entry['perplexity'] or float('inf'):.3f}  acc {entry['accuracy']:.3f}  "
+            f"reward {'-' if reward is None else f'{reward:.2f}'}"
+        )
+    if args.json:
+        from rxt.bench.common import write_json
+
+        write_json(args.json, report)
+        print(f"report: {args.json}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Write dialogue JSONL: probe splits, or the Shakespeare plays."""
+    from rxt.data.dialogue import write_dialogues
+
+    out = args.out
+    if args.source == "probes":
+        from rxt.data.probes import ProbeConfig, chance_level, generate_splits
+
+        config = ProbeConfig(max_turns=args.max_turns, max_distance=args.max_distance)
+        sizes = dict(zip(("train", "validation", "test"), args.sizes, strict=True))
+        for split, dialogues in generate_splits(sizes, seed=args.seed, config=config).items():
+            n = write_dialogues(f"{out}/probes-{split}.jsonl", dialogues)
+            print(f"{out}/probes-{split}.jsonl: {n} dialogues")
+        print(f"chance level: {chance_level(config):.4f}")
+        return 0
+    from rxt.data.shakespeare import shakespeare_dialogues, split_by_play
+
+    splits = split_by_play(
+        shakespeare_dialogues(), test_plays=args.test_plays, valid_plays=args.valid_plays
+    )
+    for split, dialogues in splits.items():
+        n = write_dialogues(f"{out}/shakespeare-{split}.jsonl", dialogues)
+        print(f"{out}/shakespeare-{split}.jsonl: {n} dialogues")
     return 0
 
 
@@ -143,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--query-tokens", type=int, default=32)
     info.add_argument("--answer-tokens", type=int, default=64)
 
-    demo = sub.add_parser("demo", help="run the end-to-end demo")
+    demo = sub.add_parser(
+        "demo", help="train RxT and the baselines, evaluate, write a report (~20 min, 2 CPUs)"
+    )
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--preset", default="small", choices=RxTConfig.presets())
-    demo.add_argument("--turns", type=int, default=8)
-    demo.add_argument("--quick", action="store_true", help="tiny model, 4 turns (seconds)")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--quick", action="store_true", help="every step in under a minute")
+    demo.add_argument("--workers", type=int, default=2, help="parallel training processes")
 
     from rxt import chat
 
@@ -173,6 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_common(throughput, presets)
     throughput.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     throughput.add_argument("--turns", type=int, default=2, help="turns per conversation")
+
+    from rxt.training.recipe import STAGES
+
+    train = sub.add_parser("train", help="run one training stage of a recipe")
+    train.add_argument(
+        "stage", help=f"a stage of the recipe: {', '.join(STAGES)}, or a named variant"
+    )
+    train.add_argument("--config", required=True, metavar="RECIPE.yaml")
+    train.add_argument("--out", required=True, metavar="DIR", help="the run directory")
+    train.add_argument("--resume", action="store_true", help="continue from DIR/STAGE/checkpoint")
+    train.add_argument("--init", metavar="MODEL_DIR", help="start from this model instead")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("eval", help="evaluate a saved model on held-out dialogues")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
+    evaluate.add_argument("--json", metavar="OUT.json")
+    evaluate.add_argument(
+        "--memory", nargs="+", default=["on", "off", "swapped"], choices=["on", "off", "swapped"]
+    )
+    evaluate.add_argument("--limit", type=int, help="only the first N dialogues")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--no-reward", action="store_true", help="skip generating every reply")
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+
+    data = sub.add_parser("data", help="write dialogue JSONL files")
+    data.add_argument("source", choices=["probes", "shakespeare"])
+    data.add_argument("--out", default="data")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument(
+        "--sizes", type=int, nargs=3, default=[20000, 500, 500], metavar=("TRAIN", "VAL", "TEST")
+    )
+    data.add_argument("--max-turns", type=int, default=17)
+    data.add_argument("--max-distance", type=int, default=16)
+    data.add_argument(
+        "--test-plays",
+        nargs="+",
+        default=["hamlet", "tempest"],
+        help="Shakespeare plays held out for testing",
+    )
+    data.add_argument("--valid-plays", nargs="+", default=["twelfth_night"])
     return parser
 
 
@@ -182,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return cmd_info(args.preset, args.json, args.query_tokens, args.answer_tokens)
         if args.command == "demo":
-            return cmd_demo(args.out, args.preset, args.turns, args.quick, args.threads)
+            return cmd_demo(args.out, args.quick, args.workers)
         if args.command == "chat":
             from rxt.chat import run_chat
 
@@ -191,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.bench == "latency":
                 return cmd_bench_latency(args)
             return cmd_bench_throughput(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "data":
+            return cmd_data(args)
     except (
         ValueError,
         FileNotFoundError,

@@ -61,7 +61,9 @@ class RecallReport:
     - ``recall``: exact-match rate over all probes; ``chance``: mean ``Probe.chance`` of those
       probes (both NaN when there are no probes);
     - ``perplexity``: ``exp`` of the mean NLL of every turn's answer tokens (+ ``[EOS]``),
-      teacher forced; ``accuracy``: next-token argmax accuracy on the same tokens.
+      teacher forced; ``accuracy``: next-token argmax accuracy on the same tokens;
+    - ``replies``: with ``replies=True``, the greedy reply to every turn (``replies[i][t]``,
+      decoded and stripped), generated from the same STM the turn reads; for the reward.
     """
 
     recall_by_distance: dict[int, float]
@@ -70,6 +72,7 @@ class RecallReport:
     chance: float
     perplexity: float
     accuracy: float
+    replies: list[list[str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (copies of the per-distance dicts; ``json.dumps`` turns keys into str)."""
@@ -108,6 +111,7 @@ class _Totals:
         self.hits: dict[int, int] = {}
         self.probes: dict[int, int] = {}
         self.chance = 0.0
+        self.replies: dict[tuple[int, int], str] = {}
 
 
 def _check(model, tokenizer, dialogues, memory, batch_size, max_new_tokens) -> list[Dialogue]:
@@ -140,6 +144,7 @@ def evaluate_dialogues(
     batch_size: int = 32,
     max_new_tokens: int = 16,
     seed: int = 0,
+    replies: bool = False,
 ) -> RecallReport:
     """Score ``dialogues`` teacher forced; see the module docstring for the exact protocol.
 
@@ -166,6 +171,7 @@ def evaluate_dialogues(
                     seed,
                     max_new_tokens,
                     totals,
+                    replies,
                 )
     finally:
         model.train(was_training)
@@ -182,6 +188,11 @@ def evaluate_dialogues(
         chance=totals.chance / count if count else nan,
         perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf,
         accuracy=totals.correct.item() / totals.tokens,
+        replies=[
+            [totals.replies[i, t] for t in range(len(d.turns))] for i, d in enumerate(dialogues)
+        ]
+        if replies
+        else None,
     )
 
 
@@ -195,6 +206,7 @@ def _evaluate_batch(
     seed: int,
     max_new_tokens: int,
     totals: _Totals,
+    replies: bool,
 ) -> None:
     device = model.device
     limit = model.config.max_seq_len
@@ -270,9 +282,12 @@ def _evaluate_batch(
         totals.correct += correct[scored].double().sum()
         totals.tokens += sum(sum(encoded[i][t].loss_mask) for i in active)
 
-        # Probes asked at this turn: generate from the query prompt with the same STM.
+        # Probes asked at this turn (every turn, with `replies`): generate from the query
+        # prompt with the same STM.
         probe_rows = [
-            r for r, i in enumerate(active) if any(p.turn == t for p in dialogues[i].probes)
+            r
+            for r, i in enumerate(active)
+            if replies or any(p.turn == t for p in dialogues[i].probes)
         ]
         if probe_rows:
             prompts = [
@@ -284,6 +299,7 @@ def _evaluate_batch(
             )
             for r, answer_ids in zip(probe_rows, answers, strict=True):
                 text = tokenizer.decode(answer_ids).strip()
+                totals.replies[active[r], t] = text
                 for probe in dialogues[active[r]].probes:
                     if probe.turn != t:
                         continue

@@ -31,11 +31,13 @@ from typing import NamedTuple
 
 import torch
 
+from rxt.data.dialogue import Dialogue
 from rxt.eval.bleu import sentence_bleu
 
 __all__ = [
     "RewardTerms",
     "TextEmbedder",
+    "dialogue_rewards",
     "reward",
     "reward_summary",
     "reward_terms",
@@ -197,3 +199,33 @@ def reward_summary(rewards: torch.Tensor | Sequence[float]) -> dict[str, float]:
     if r.numel() == 0:
         raise ValueError("no rewards to summarise")
     return {"mean": r.mean().item(), "max": r.max().item(), "min": r.min().item()}
+
+
+def dialogue_rewards(
+    dialogues: Sequence[Dialogue],
+    replies: Sequence[Sequence[str]],
+    *,
+    embedder: TextEmbedder | None = None,
+) -> torch.Tensor:
+    """:func:`reward` of every follow-up turn (turn 2 onwards) of ``dialogues``: ``replies[i][t]``
+    is scored against the gold answer, with the gold earlier turns (queries and answers) as the
+    history. Every system is scored by this one function, so their numbers are comparable."""
+    if len(replies) != len(dialogues):
+        raise ValueError(f"{len(replies)} reply lists for {len(dialogues)} dialogues")
+    generated, references, histories = [], [], []
+    for i, (dialogue, answers) in enumerate(zip(dialogues, replies, strict=True)):
+        if len(answers) != len(dialogue.turns):
+            raise ValueError(
+                f"dialogue {i} ({dialogue.id!r}): {len(answers)} replies for "
+                f"{len(dialogue.turns)} turns"
+            )
+        history: list[str] = []
+        for t, turn in enumerate(dialogue.turns):
+            if t > 0:
+                generated.append(answers[t])
+                references.append(turn.answer)
+                histories.append(list(history))
+            history += [turn.query, turn.answer]
+    if not generated:
+        raise ValueError("no follow-up turns to score (every dialogue has one turn)")
+    return reward(generated, references, histories, embedder=embedder)

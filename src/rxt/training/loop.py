@@ -20,15 +20,67 @@ Checkpoint layout, ``out_dir/checkpoint/`` (never a pickle of arbitrary objects)
     config.json, model.safetensors (+ tokenizer.json)   model.save_pretrained
     optimizer.pt        optimizer + scheduler state dicts and RNG byte tensors (torch.save;
                         loaded with weights_only=True)
-    trainer_state.json  step, stage name, TrainConfig, Python RNG state, log-window sums
+    trainer_state.json  step, stage name, TrainConfig, world size, Python RNG state,
+                        log-window sums
 
 Resuming restores all of it, so on CPU N steps straight equal K steps + resume + N − K steps
 bit for bit (weights and log lines; only timing fields differ).
+
+Gradient accumulation and data parallelism
+------------------------------------------
+``TrainConfig.grad_accum = A`` runs A micro-batches per optimiser step, each loss divided by A
+before its backward. With W processes, micro-batch a of step s on rank r is
+``stage.batch(s * W * A + r * A + a)``, so the effective batch of a step is W · A stage batches
+and depends only on W · A: one process with ``grad_accum=2`` sees the same data per step as two
+with ``grad_accum=1`` and takes the same step (bit for bit on CPU in the tests, up to float
+summation order in general). With W = A = 1 the loop is exactly the single-process loop.
+
+Launch the same training command under torchrun to train data-parallel (DDP)::
+
+    torchrun --nproc_per_node 4 -m rxt train ...        # 4 GPUs of one node (NCCL)
+    torchrun --nproc_per_node 2 -m rxt train ...        # 2 CPU processes (gloo)
+
+:func:`train` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins the process group itself
+(:mod:`rxt.training.distributed`; NCCL when the model is on CUDA, each rank moving it to
+``cuda:LOCAL_RANK``, gloo on CPU). Each step, DDP all-reduces the gradients to their mean over
+ranks; gradient clipping and AdamW then run identically on every rank, so the replicas stay
+equal. The stage's loss runs as the forward of a DDP-wrapped module (stages call model methods,
+not ``model.forward``); DDP registers only the parameters that require grad, so the wrapper is
+rebuilt whenever the stage's trainable set changes (staged unfreezing); all but the last
+micro-batch run under ``no_sync()``.
+
+Logged metrics are averaged over micro-batches and ranks (``tokens`` summed, ``tokens_per_s``
+is the whole job's), so the log equals a single-process log with the same effective batch.
+Only rank 0 writes ``log.jsonl``, TensorBoard, the progress bar, checkpoints and
+``out_dir/model``; the others wait at a barrier after each write. Every rank reads the
+checkpoint on resume, so ``out_dir`` must be on a file system all ranks see (one node: any).
+Rank r seeds its RNGs with ``config.seed`` for r = 0 and a seed derived from it otherwise
+(different dropout masks per rank; the weights need no common seed, DDP broadcasts rank 0's at
+wrap time). Checkpoints store every rank's RNG state (gathered by rank 0: ``rng_ranks`` in
+``optimizer.pt``, ``python_rng_ranks`` in ``trainer_state.json``) and the world size; resume
+restores each rank's own streams, so it stays exact under DDP, and refuses a different world
+size or ``grad_accum`` (the batch indices and RNG streams depend on both).
+
+Models too large for one device: FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) is the
+path, not implemented here. What would change: instead of the DDP wrapper, ``fully_shard``
+each block (encoder, decoder and memory-attention layers) and then the root model, and build
+the optimiser *after* sharding (parameters become sharded DTensors). The root's hooks run only
+for ``model(...)``, while stages call ``encode``/``memory_attention``/``decoder_forward``: those
+need ``register_fsdp_forward_method`` (or the ``_StageLoss`` wrapper as the root). Sharding is
+per parameter, so frozen and trainable parameters may share a unit (FSDP1's flat ones could not).
+``no_sync`` becomes ``set_requires_gradient_sync(False)``; gradient clipping works on the
+sharded gradients (``clip_grad_norm_`` over DTensors: the norm is global). Checkpoints change
+most: no rank holds the full weights or optimiser state, so rank 0 alone cannot write them.
+Use ``torch.distributed.checkpoint`` for the resumable state (every rank saves its shards of
+model and optimiser) and gather a full state dict (``get_model_state_dict`` with
+``full_state_dict=True, cpu_offload=True``) for ``model.safetensors`` and ``out_dir/model``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import inspect
 import json
 import math
 import os
@@ -37,6 +89,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +101,8 @@ from torch import nn
 
 from rxt.memory.gate import ResidualGate
 from rxt.memory.stm import StmInitializer
+from rxt.training import distributed as dist_utils
+from rxt.training.distributed import DistributedContext
 
 __all__ = ["CheckpointMismatch", "Stage", "TrainConfig", "lr_factor", "param_groups", "train"]
 
@@ -76,12 +131,15 @@ class TrainConfig:
     seed: int = 0  # seeds torch and Python RNGs at the start of a fresh run (dropout, ...)
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
+    grad_accum: int = 1  # micro-batches per optimiser step, per process (module docstring)
 
     def __post_init__(self) -> None:
         def fail(name: str, message: str) -> None:
             raise ValueError(f"TrainConfig.{name}: {message}, got {getattr(self, name)!r}")
 
-        for name in ("steps", "warmup_steps", "seed", "log_every", "checkpoint_every"):
+        for name in (
+            "steps", "warmup_steps", "seed", "log_every", "checkpoint_every", "grad_accum"
+        ):  # fmt: skip
             if type(getattr(self, name)) is not int:
                 fail(name, "must be an int")
         if self.steps < 1:
@@ -92,6 +150,8 @@ class TrainConfig:
             fail("log_every", "must be >= 1")
         if self.checkpoint_every < 0:
             fail("checkpoint_every", "must be >= 0")
+        if self.grad_accum < 1:
+            fail("grad_accum", "must be >= 1")
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -177,23 +237,26 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    rng: list[tuple[dict[str, torch.Tensor], list[Any]]],
 ) -> None:
     """Write everything to a temporary directory, then swap it in: a crash mid-write leaves the
-    previous checkpoint intact."""
+    previous checkpoint intact. ``rng``: every rank's :func:`_rng_state`, in rank order; rank 0's
+    goes where a single-process run puts it, and a multi-process run also stores the list."""
     final = out_dir / CHECKPOINT_DIR
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", dir=out_dir))
     try:
         model.save_pretrained(tmp)
-        rng_tensors, py_rng = _rng_state()
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_tensors,
-            },
-            tmp / _STATE_PT,
-        )
+        rng_tensors, py_rng = rng[0]
+        tensors: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_tensors,
+        }
         payload = {**state, "format": _FORMAT, "python_rng": py_rng}
+        if len(rng) > 1:
+            tensors["rng_ranks"] = [t for t, _ in rng]
+            payload["python_rng_ranks"] = [p for _, p in rng]
+        torch.save(tensors, tmp / _STATE_PT)
         (tmp / _STATE_JSON).write_text(json.dumps(payload, indent=1), encoding="utf-8")
         old = out_dir / f".{CHECKPOINT_DIR}.old"
         if old.exists():
@@ -207,11 +270,34 @@ def _save_checkpoint(
         raise
 
 
+# TrainConfig fields added after the first checkpoints were written: a checkpoint without one
+# was written with its default.
+_NEW_FIELDS = {"grad_accum": 1}
+
+
+_HF_BOOKKEEPING = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
+def _config_content(model: nn.Module) -> Any:
+    """A model's config for comparison. A ``transformers`` config also records where and how it
+    was loaded (path, library version, dtype): a fresh model would never equal its checkpoint."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if to_dict is None:
+        return config
+    return {k: v for k, v in to_dict().items() if k not in _HF_BOOKKEEPING}
+
+
 def _load_checkpoint(
-    out_dir: Path, model: nn.Module, stage_name: str, config: TrainConfig
+    out_dir: Path,
+    model: nn.Module,
+    stage_name: str,
+    config: TrainConfig,
+    context: DistributedContext,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check and read ``out_dir/checkpoint``; load the weights into ``model``. Returns the JSON
-    state and the torch.save payload."""
+    state and the torch.save payload, with this rank's RNG states under ``"rng"`` and
+    ``"python_rng"``."""
     directory = out_dir / CHECKPOINT_DIR
     if not directory.is_dir():
         raise CheckpointMismatch(f"cannot resume: no checkpoint at {str(directory)!r}")
@@ -227,6 +313,14 @@ def _load_checkpoint(
         for key in ("optimizer", "scheduler", "rng"):
             if key not in payload:
                 raise ValueError(f"{_STATE_PT} lacks {key!r}")
+        world = state.setdefault("world_size", 1)  # written by a single process before DDP
+        if type(world) is not int or world < 1:
+            raise ValueError(f"bad world_size in {_STATE_JSON}")
+        if world > 1 and (
+            len(payload.get("rng_ranks", ())) != world
+            or len(state.get("python_rng_ranks", ())) != world
+        ):
+            raise ValueError(f"the per-rank RNG states of {world} processes are incomplete")
         loaded = type(model).from_pretrained(directory)
     except CheckpointMismatch:
         raise
@@ -240,6 +334,7 @@ def _load_checkpoint(
             f"cannot resume: checkpoint is from stage {state.get('stage')!r}, not {stage_name!r}"
         )
     current = config.to_json()
+    saved_config = {**_NEW_FIELDS, **saved_config}
     diff = sorted(
         k for k in current.keys() | saved_config.keys()
         if k != "steps" and current.get(k) != saved_config.get(k)
@@ -250,10 +345,19 @@ def _load_checkpoint(
             f"cannot resume: TrainConfig differs from the checkpoint's ({detail}); only `steps` "
             "may change on resume"
         )
-    if getattr(model, "config", None) != getattr(loaded, "config", None):
+    if state["world_size"] != context.world_size:
+        raise CheckpointMismatch(
+            f"cannot resume: checkpoint was written by {state['world_size']} process(es), this "
+            f"run has {context.world_size}; the world size fixes which batches each step sees "
+            "and each rank's RNG stream, so it may not change on resume"
+        )
+    if _config_content(model) != _config_content(loaded):
         raise CheckpointMismatch("cannot resume: the model's config differs from the checkpoint's")
     with torch.no_grad():
         model.load_state_dict(loaded.state_dict())
+    if context.world_size > 1:
+        payload["rng"] = payload["rng_ranks"][context.rank]
+        state["python_rng"] = state["python_rng_ranks"][context.rank]
     return state, payload
 
 
@@ -336,6 +440,63 @@ def _autocast(device: torch.device) -> Any:
     return nullcontext()  # CPU (and GPUs without bf16) stay in full precision
 
 
+class _StageLoss(nn.Module):
+    """``stage.loss(model, batch)`` as a module's forward. DistributedDataParallel syncs the
+    gradients of a backward only when the forward ran through its wrapper, and stages call model
+    methods (``encode``, ``memory_attention``, ``decoder_forward``), not ``model.forward``."""
+
+    def __init__(self, model: nn.Module, stage: Stage) -> None:
+        super().__init__()
+        self.model = model
+        self.stage_loss = stage.loss
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.stage_loss(self.model, batch)
+
+
+def _data_parallel(model: nn.Module, stage: Stage, context: DistributedContext) -> nn.Module:
+    """A DDP wrapper over the parameters that require grad *now* (DDP registers those at
+    construction only, so the loop builds a new one whenever the trainable set changes).
+
+    ``find_unused_parameters=True`` always: a trainable parameter may get no gradient from a
+    batch (MoE experts no token reached, the joint stage's MLM head on a batch without masked
+    tokens, a module a stage does not call); without it DDP fails at the next step. Globally
+    unused parameters keep ``grad=None``, so AdamW skips them as in one process. The cost is
+    one walk of the autograd graph per forward: about 5 ms a SMAT step on 2 gloo CPU processes
+    (~5% of a ``tiny``-preset step, ~1% of a ``small`` one); DDP also warns once per wrapper
+    when a step happens to use every parameter. Buffers are not re-sent every forward: the
+    model's are constant (RoPE tables)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    options = inspect.signature(DistributedDataParallel).parameters
+    # torch >= 2.13 renamed the option (and still syncs buffers once at construction).
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    return DistributedDataParallel(
+        _StageLoss(model, stage),
+        device_ids=[context.device.index] if context.device.type == "cuda" else None,
+        find_unused_parameters=True,
+        **{buffers: False},
+    )
+
+
+def _release(wrapper: nn.Module) -> None:
+    """Take a DDP wrapper's gradient hooks off the model's parameters now (its reducer's
+    destructor does the same, but only once the wrapper is collected)."""
+    remove = getattr(wrapper, "_remove_autograd_hooks", None)
+    if remove is not None:
+        remove()
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 uses ``seed`` itself (a single process is rank 0), every other rank its own
+    stream (dropout masks must differ between ranks, as between micro-batches)."""
+    return seed if rank == 0 else (seed * 0x9E3779B97F4A7C15 + rank) % (1 << 63)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def train(
     model: nn.Module,
     stage: Stage,
@@ -348,13 +509,34 @@ def train(
     """Train ``model`` on ``stage`` for ``config.steps`` optimiser steps (in total, counting the
     steps of a resumed checkpoint). Returns the last log entry: ``step``, ``lr`` (of that
     step), ``loss``, ``grad_norm`` (before clipping) and the stage's metrics, each averaged over
-    the log window; ``tokens`` summed over the window and ``tokens_per_s``. The model is left in
-    eval mode and also saved to ``out_dir/model`` (with its tokenizer, if attached)."""
+    the log window (and over micro-batches and ranks); ``tokens`` summed over the window (and
+    over micro-batches and ranks) and ``tokens_per_s``. The model is left in eval mode and also
+    saved to ``out_dir/model`` (with its tokenizer, if attached).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this with the same arguments and
+    trains data-parallel (module docstring); a CUDA model moves to ``cuda:LOCAL_RANK``. Every
+    rank returns the same entry (only ``tokens_per_s`` differs)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    out_dir = Path(out_dir)
+    context = dist_utils.init_distributed(_model_device(model))  # kept for the process's life
+    if context.distributed and _model_device(model) != context.device:
+        model.to(context.device)
+    return _train(model, stage, config, Path(out_dir), resume, progress, context)
+
+
+def _train(
+    model: nn.Module,
+    stage: Stage,
+    config: TrainConfig,
+    out_dir: Path,
+    resume: bool,
+    progress: bool,
+    context: DistributedContext,
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_FILE
+    main = context.is_main
+    world, accum = context.world_size, config.grad_accum
 
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
@@ -365,7 +547,7 @@ def train(
     start = 0
     window: dict[str, float] = {}
     if resume:
-        state, payload = _load_checkpoint(out_dir, model, stage.name, config)
+        state, payload = _load_checkpoint(out_dir, model, stage.name, config, context)
         start = state["step"]
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -376,36 +558,64 @@ def train(
                 torch.cuda.set_rng_state_all(cuda)
         random.setstate(_python_state(state["python_rng"]))
         window = {k: float(v) for k, v in state.get("window", {}).items()}
-        _truncate_log(log_path, start)
+        if main:
+            _truncate_log(log_path, start)
     else:
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        log_path.unlink(missing_ok=True)
+        seed = _rank_seed(config.seed, context.rank)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if main:
+            log_path.unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
         state = {
             "step": step,
             "stage": stage.name,
             "config": config.to_json(),
+            "world_size": world,
             "window": window,
         }
-        _save_checkpoint(out_dir, model, optimizer, scheduler, state)
+        rng = dist_utils.all_gather_objects(context, _rng_state())
+        if main:
+            _save_checkpoint(out_dir, model, optimizer, scheduler, state, rng)
+        dist_utils.barrier(context)  # every rank leaves with the checkpoint on disk
 
-    logger = _Logger(out_dir, start, config.steps, progress)
+    logger = _Logger(out_dir, start, config.steps, progress) if main else None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     last: dict[str, Any] = {}
+    wrapper: nn.Module | None = None
+    wrapped: tuple[int, ...] = ()
     clock = time.perf_counter()
     model.train()
     try:
         for step in range(start, config.steps):
             params = _set_trainable(model, stage.trainable(model, step))
+            if context.distributed and tuple(map(id, params)) != wrapped:
+                if wrapper is not None:  # staged unfreezing: DDP must see the new trainable set
+                    _release(wrapper)
+                    wrapper = None
+                    gc.collect()  # free the old reducer's gradient-sized buckets first
+                wrapper, wrapped = _data_parallel(model, stage, context), tuple(map(id, params))
             optimizer.zero_grad(set_to_none=True)
-            batch = stage.batch(step)
-            with _autocast(next(model.parameters()).device):
-                loss, metrics = stage.loss(model, batch)
-            if not torch.isfinite(loss.detach()).item():
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-            loss.backward()
+            sums: dict[str, float] = {}
+            finite = True
+            for micro in range(accum):
+                batch = stage.batch((step * world + context.rank) * accum + micro)
+                sync = wrapper is None or micro == accum - 1
+                with nullcontext() if sync else wrapper.no_sync():  # type: ignore[union-attr]
+                    with _autocast(_model_device(model)):
+                        if wrapper is None:
+                            loss, metrics = stage.loss(model, batch)
+                        else:
+                            loss, metrics = wrapper(batch)
+                    if not torch.isfinite(loss.detach()).item():
+                        if wrapper is None:
+                            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+                        finite = False  # every rank must still join the gradient all-reduce
+                    (loss if accum == 1 else loss / accum).backward()
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            means = _reduce_metrics(context, sums, finite, step, accum * world)
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             lr = scheduler.get_last_lr()[0]
@@ -413,10 +623,12 @@ def train(
             scheduler.step()
 
             done = step + 1
-            sums = {"loss": loss.item(), "grad_norm": grad_norm, **metrics, "_n": 1.0}
-            for key, value in sums.items():
-                window[key] = window.get(key, 0.0) + float(value)
-            logger.step()
+            rest = {k: v for k, v in means.items() if k != "loss"}
+            values = {"loss": means["loss"], "grad_norm": grad_norm, **rest, "_n": 1.0}
+            for key, value in values.items():
+                window[key] = window.get(key, 0.0) + value
+            if logger is not None:
+                logger.step()
             if done % config.log_every == 0 or done == config.steps:
                 now = time.perf_counter()
                 n = window.pop("_n")
@@ -425,7 +637,8 @@ def train(
                 last.update({k: v / n for k, v in window.items() if k != "tokens"})
                 last["tokens"] = int(tokens)
                 last["tokens_per_s"] = tokens / max(now - clock, 1e-9)
-                logger.record(last)
+                if logger is not None:
+                    logger.record(last)
                 window = {}
                 clock = now
             if done == config.steps or (
@@ -433,13 +646,42 @@ def train(
             ):
                 checkpoint(done)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+        if wrapper is not None:  # the model leaves with no DDP hooks on its parameters
+            _release(wrapper)
+            wrapper = None
         for p, flag in flags:  # the stage's freezing is for training only
             p.requires_grad_(flag)
 
+    model.eval()
+    if main:
+        model.save_pretrained(out_dir / "model")
+    dist_utils.barrier(context)
     if not last and log_path.exists():  # resumed at or past `steps`: nothing left to do
         lines = log_path.read_text(encoding="utf-8").splitlines()
         last = json.loads(lines[-1]) if lines else {}
-    model.eval()
-    model.save_pretrained(out_dir / "model")
     return last
+
+
+def _reduce_metrics(
+    context: DistributedContext, sums: dict[str, float], finite: bool, step: int, count: int
+) -> dict[str, float]:
+    """One step's metrics over its ``count`` micro-batches (all ranks): each averaged, except
+    ``tokens``, summed. Raises on every rank if any rank's loss was not finite."""
+    keys = list(sums)
+    if context.distributed:
+        signature = float(zlib.crc32("\0".join(keys).encode()))
+        top, neg_low, bad = dist_utils.all_reduce_max(
+            context, [signature, -signature, 0.0 if finite else 1.0]
+        )
+        if bad:
+            raise FloatingPointError(f"loss is not finite at step {step + 1} (on some rank)")
+        if top != -neg_low:
+            raise ValueError(f"the stage's metric names differ between ranks at step {step + 1}")
+        totals = dict(
+            zip(keys, dist_utils.all_reduce_sum(context, list(sums.values())), strict=True)
+        )
+    else:
+        totals = sums
+    return {k: v if k == "tokens" else v / count for k, v in totals.items()}

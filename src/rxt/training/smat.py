@@ -21,7 +21,6 @@ turn t's loss reaches only the update that wrote the STM it reads).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rxt.data.dialogue import Dialogue
+from rxt.data.order import DialogueStream
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
@@ -202,46 +202,21 @@ class SmatStage:
     ) -> None:
         if not isinstance(config, SmatConfig):
             raise TypeError(f"config must be a SmatConfig, got {type(config).__name__}")
-        self.dialogues = list(dialogues)
-        if not self.dialogues:
-            raise ValueError("SMAT needs at least one dialogue")
-        for k, d in enumerate(self.dialogues):
-            if not isinstance(d, Dialogue):
-                raise TypeError(f"dialogues[{k}] must be a Dialogue, got {type(d).__name__}")
+        self._stream = DialogueStream(dialogues, seed, tag="smat", what="SMAT")
+        self.dialogues = self._stream.dialogues
         self.tokenizer = tokenizer
         self.config = config
         self.seed = seed
-        self._perms: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ data
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            order = list(range(len(self.dialogues)))
-            random.Random(f"smat:{self.seed}:{epoch}").shuffle(order)
-            self._perms = {epoch: order}  # batches move forward: keep only the current epoch
-        return self._perms[epoch]
-
     def batch(self, index: int) -> SmatBatch:
-        if index < 0:
-            raise ValueError(f"batch index must be >= 0, got {index}")
-        n, size = len(self.dialogues), self.config.batch_size
-        positions = list(range(index * size, (index + 1) * size))
-        chosen = [(p, self._permutation(p // n)[p % n]) for p in positions]
-        # Longest first (stable: ties keep stream order), so active dialogues form a prefix.
-        chosen.sort(key=lambda pi: -len(self.dialogues[pi[1]].turns))
-        dialogues = [self.dialogues[i] for _, i in chosen]
-        most = len(dialogues[0].turns)
-        active = [sum(len(d.turns) > t for d in dialogues) for t in range(most)]
-        pairs = [
-            (d.turns[t].query, d.turns[t].answer)
-            for t in range(most)
-            for d in dialogues[: active[t]]
-        ]
-        encoded = self.tokenizer.batch_encode_interactions(pairs)
+        rows = self._stream.rows(index, self.config.batch_size)
+        chosen, dialogues = rows.chosen, rows.dialogues
+        encoded = self.tokenizer.batch_encode_interactions(rows.pairs)
         batch = SmatBatch(
             indices=[i for _, i in chosen],
             positions=[p for p, _ in chosen],
-            active=active,
+            active=rows.active,
             input_ids=encoded["input_ids"],
             attention_mask=encoded["attention_mask"],
             loss_mask=encoded["loss_mask"],
