@@ -273,11 +273,12 @@ def test_stages_see_smats_dialogues_and_answer_tokens(tokenizer, dialogues, mode
             assert ours.tokens == theirs.tokens + sum(map(len, systems))
 
 
+@pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("mode", ["full", "current"])
-def test_loss_is_the_mean_ce_of_the_answer_tokens(tokenizer, dialogues, model, mode):
-    """Padding changes nothing: the batch loss equals the token-weighted mean of each row's CE
-    computed alone, without padding."""
-    stage = StatelessStage(dialogues, tokenizer, mode, batch_size=4)
+def test_loss_is_the_mean_ce_of_the_answer_tokens(tokenizer, dialogues, model, mode, groups):
+    """Padding (and length grouping) changes nothing: the batch loss equals the token-weighted
+    mean of each row's CE computed alone, without padding."""
+    stage = StatelessStage(dialogues, tokenizer, mode, batch_size=4, length_groups=groups)
     batch = stage.batch(1)
     with torch.no_grad():
         loss, metrics = stage.loss(model, batch)

@@ -13,7 +13,13 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue
 from rxt.tokenizer import RxTTokenizer
-from rxt.training.smat import SmatConfig, SmatStage, initial_stm, smat_forward
+from rxt.training.smat import (
+    SmatConfig,
+    SmatStage,
+    initial_stm,
+    length_groups,
+    smat_forward,
+)
 
 SHORT = probes.ProbeConfig(max_turns=5, max_distance=3)
 
@@ -67,15 +73,15 @@ def moe_config() -> RxTConfig:
 
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
-@pytest.mark.parametrize("horizon", [None, 1, 2])
-def test_batched_equals_naive_loop(tokenizer, dialogues, which, horizon):
+@pytest.mark.parametrize(("horizon", "groups"), [(None, 1), (1, 1), (2, 1), (None, 3), (2, 8)])
+def test_batched_equals_naive_loop(tokenizer, dialogues, which, horizon, groups):
     config = RxTConfig.preset("tiny", vocab_size=464) if which == "dense" else moe_config()
     model = build_model(config)
     stage = SmatStage(dialogues, tokenizer, SmatConfig(batch_size=8, gradient_horizon=horizon))
     batch = stage.batch(0)
     assert sorted(batch.indices) == list(range(8))
 
-    out = smat_forward(model, batch, gradient_horizon=horizon)
+    out = smat_forward(model, batch, gradient_horizon=horizon, length_groups=groups)
     fast = out.token_ce.sum() / batch.answer_tokens
     fast_grads = grads(model, fast)
 
@@ -233,3 +239,11 @@ def test_loss_decreases_on_probe_dialogues(tokenizer, tmp_path):
     with torch.no_grad():
         after = stage.loss(model, stage.batch(0))[0].item()
     assert after < 0.7 * before, (before, after)
+
+
+def test_length_groups_split_rows_by_length():
+    assert length_groups([5, 2, 9, 3], 1) == [([0, 1, 2, 3], 9)]
+    assert length_groups([5, 2, 9, 3], 2) == [([1, 3], 3), ([0, 2], 9)]
+    assert length_groups([5, 2, 9], 8) == [([1], 2), ([0], 5), ([2], 9)]
+    with pytest.raises(ValueError, match=r"SmatConfig\.length_groups: must be an int >= 1"):
+        SmatConfig(length_groups=0)

@@ -13,6 +13,7 @@ from rxt.baselines.data import Mode, check_mode, full_sequence
 from rxt.data.dialogue import Dialogue
 from rxt.data.order import DialogueStream
 from rxt.tokenizer import RxTTokenizer, pad_sequences
+from rxt.training.smat import length_groups
 
 __all__ = ["StatelessBatch", "StatelessStage"]
 
@@ -74,8 +75,12 @@ class StatelessStage:
         batch_size: int = 16,
         seed: int = 0,
         max_len: int | None = None,
+        length_groups: int = 1,
     ) -> None:
         check_mode(mode)
+        if type(length_groups) is not int or length_groups < 1:
+            raise ValueError(f"length_groups must be an int >= 1, got {length_groups!r}")
+        self.length_groups = length_groups
         if type(batch_size) is not int or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if max_len is not None and (type(max_len) is not int or max_len < 1):
@@ -134,15 +139,27 @@ class StatelessStage:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
         ids = batch.input_ids.to(device)
-        out = model(input_ids=ids, attention_mask=batch.attention_mask.to(device), use_cache=False)
-        logits = out.logits[:, :-1].float()
+        mask = batch.attention_mask.to(device)
         # Unscored targets (prompts, padding) are ignored rather than weighted by 0, so a
         # non-finite logit at a padding position cannot leak into the loss as 0 * inf = nan.
         targets = ids[:, 1:].masked_fill(batch.loss_mask[:, 1:].to(device) == 0, -100)
         tokens = batch.answer_tokens
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ) / max(tokens, 1)
+        total = torch.zeros((), device=device)
+        # Rows in groups of similar length, each padded only to its longest (as SMAT does):
+        # the same sum, less padding.
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for rows, longest in length_groups(lengths, self.length_groups):
+            r = torch.tensor(rows, device=device)
+            out = model(
+                input_ids=ids[r, :longest], attention_mask=mask[r, :longest], use_cache=False
+            )
+            logits = out.logits[:, :-1].float()
+            total = total + F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                targets[r, : longest - 1].reshape(-1),
+                reduction="sum",
+            )
+        ce = total / max(tokens, 1)
         metrics = {
             "ce": ce.item(),
             "answer_tokens": float(tokens),

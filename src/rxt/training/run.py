@@ -213,11 +213,15 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
         longest = max(len(full_sequence(tokenizer, d).input_ids) for d in dialogues)
         matched = matched_llama_config(rxt_config, max_positions=max(longest, BASELINE_CONTEXT))
         model = build_baseline(matched.config, seed=spec.seed, tokenizer=tokenizer, mode=mode)
-    batch_size = spec.config.get("batch_size", 16)
-    extra = sorted(set(spec.config) - {"batch_size"})
+    known = {"batch_size", "length_groups"}
+    extra = sorted(set(spec.config) - known)
     if extra:
-        raise recipe.error(f"{key}.config", f"unknown field(s) {extra}; known: ['batch_size']")
-    return model, StatelessStage(dialogues, tokenizer, mode, batch_size, seed=spec.seed)
+        raise recipe.error(f"{key}.config", f"unknown field(s) {extra}; known: {sorted(known)}")
+    try:
+        stage_obj = StatelessStage(dialogues, tokenizer, mode, seed=spec.seed, **spec.config)
+    except (TypeError, ValueError) as err:
+        raise recipe.error(f"{key}.config", str(err)) from None
+    return model, stage_obj
 
 
 def run_stage(

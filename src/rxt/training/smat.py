@@ -33,7 +33,14 @@ from rxt.data.order import DialogueStream
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
-__all__ = ["SmatBatch", "SmatConfig", "SmatForward", "SmatStage", "smat_forward"]
+__all__ = [
+    "SmatBatch",
+    "SmatConfig",
+    "SmatForward",
+    "SmatStage",
+    "length_groups",
+    "smat_forward",
+]
 
 ALL_MODULES = ("decoder", "memory_attention", "encoder", "embed", "lm_head", "stm_init")
 
@@ -49,6 +56,11 @@ class SmatConfig:
     gradient_horizon: int | None = None  # None = full back-propagation through memory updates
     unfreeze: tuple[tuple[int, tuple[str, ...]], ...] = ((0, ALL_MODULES),)
     stm_seed: int = 0
+    # Rows are split into this many groups of similar length for the encoder and decoder
+    # passes, each padded only to its own longest row: the same losses (to float rounding; for
+    # MoE the balance loss becomes a token-weighted mean over groups), far less padding when
+    # interaction lengths vary. 1 = one pass over the whole batch.
+    length_groups: int = 1
 
     def __post_init__(self) -> None:
         def fail(name: str, message: str) -> None:
@@ -61,6 +73,8 @@ class SmatConfig:
             fail("gradient_horizon", "must be None (full) or an int >= 1")
         if type(self.stm_seed) is not int or self.stm_seed < 0:
             fail("stm_seed", "must be an int >= 0")
+        if type(self.length_groups) is not int or self.length_groups < 1:
+            fail("length_groups", "must be an int >= 1")
         try:
             schedule = tuple((int(s), tuple(names)) for s, names in self.unfreeze)
         except (TypeError, ValueError):
@@ -129,17 +143,75 @@ def initial_stm(model: ReactiveTransformer, stm_seed: int, positions: Sequence[i
     )
 
 
+def length_groups(lengths: Sequence[int], groups: int) -> list[tuple[list[int], int]]:
+    """``lengths`` split into at most ``groups`` runs of rows of similar length (sorted, equal
+    counts): ``[(rows, longest), ...]``; one group keeps the rows in order."""
+    if groups <= 1:  # one pass, rows in their own order
+        return [(list(range(len(lengths))), max(lengths))]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = -(-len(order) // max(1, groups))
+    runs = [order[s : s + size] for s in range(0, len(order), size)]
+    return [(rows, max(lengths[r] for r in rows)) for rows in runs]
+
+
+def _regroup(parts: list[tuple[list[int], torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Rows computed group by group, back in their original order (differentiable)."""
+    index = torch.tensor([r for rows, _ in parts for r in rows], device=device)
+    return torch.cat([value for _, value in parts])[torch.argsort(index)]
+
+
+def _encode(model: ReactiveTransformer, ids, mask, lengths: list[int], groups: int):
+    if groups == 1:
+        return model.encode(ids, mask)
+    width = ids.shape[1]
+    parts = []
+    for rows, longest in length_groups(lengths, groups):
+        r = torch.tensor(rows, device=ids.device)
+        encoded = model.encode(ids[r, :longest], mask[r, :longest])
+        parts.append((rows, F.pad(encoded, (0, 0, 0, width - longest))))
+    return _regroup(parts, ids.device)
+
+
+def _decode_ce(model: ReactiveTransformer, ids, mask, memory, lengths: list[int], groups: int):
+    """Per-token next-token CE ``(P, T-1)`` and the MoE balance loss (or None)."""
+    width = ids.shape[1]
+    parts, aux, weights = [], [], []
+    for rows, longest in length_groups(lengths, groups):
+        r = torch.tensor(rows, device=ids.device)
+        part_ids = ids[r, :longest]
+        out = model.decoder_forward(part_ids, memory[r], attention_mask=mask[r, :longest])
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), part_ids[:, 1:].reshape(-1), reduction="none"
+        ).view(len(rows), longest - 1)
+        parts.append((rows, F.pad(ce, (0, width - longest))))
+        if out.aux_loss is not None:
+            aux.append(out.aux_loss)
+            weights.append(sum(lengths[i] for i in rows))
+    token_ce = parts[0][1] if groups == 1 else _regroup(parts, ids.device)
+    if not aux:
+        return token_ce, None
+    if len(aux) == 1:
+        return token_ce, aux[0]
+    w = torch.tensor(weights, dtype=aux[0].dtype, device=aux[0].device)
+    return token_ce, (torch.stack(aux) * w).sum() / w.sum()
+
+
 def smat_forward(
     model: ReactiveTransformer,
     batch: SmatBatch,
     *,
     stm_seed: int = 0,
     gradient_horizon: int | None = None,
+    length_groups: int = 1,
 ) -> SmatForward:
-    """The efficient SMAT forward pass (module docstring)."""
+    """The efficient SMAT forward pass (module docstring); ``length_groups`` as in
+    :class:`SmatConfig`."""
     device = model.device
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
+    lengths = batch.attention_mask.sum(dim=1).tolist()  # the CPU copy: no device sync
+    groups = length_groups
     active = batch.active
     offsets = [0]
     for n in active:
@@ -162,25 +234,24 @@ def smat_forward(
     reads = [stm]
     if encode_rows:
         index = torch.cat(encode_rows)
-        encoded = model.encode(ids[index], mask[index])
+        encode_lengths = [lengths[i] for i in index.tolist()]
+        encoded = _encode(model, ids[index], mask[index], encode_lengths, groups)
         start = 0
         for t in range(len(active) - 1):
             n = active[t + 1]
             if gradient_horizon is not None and t % gradient_horizon == 0:
                 stm = stm.detach()
             part = slice(start, start + n)
-            stm = model.memory_attention(stm[:n], encoded[part], mask[index[part]])
+            # With length groups, each write also reads only up to its longest interaction.
+            width = max(encode_lengths[part]) if groups > 1 else encoded.shape[2]
+            part_mask = mask[index[part], :width]
+            stm = model.memory_attention(stm[:n], encoded[part, :, :width], part_mask)
             reads.append(stm)
             start += n
 
-    out = model.decoder_forward(ids, torch.cat(reads), attention_mask=mask)
-    logits = out.logits[:, :-1].float()
-    targets = ids[:, 1:]
-    weight = batch.loss_mask[:, 1:].to(device=device, dtype=logits.dtype)
-    token_ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    ).view_as(weight)
-    return SmatForward(token_ce=token_ce * weight, reads=reads, aux=out.aux_loss)
+    token_ce, aux = _decode_ce(model, ids, mask, torch.cat(reads), lengths, groups)
+    weight = batch.loss_mask[:, 1:].to(device=device, dtype=token_ce.dtype)
+    return SmatForward(token_ce=token_ce * weight, reads=reads, aux=aux)
 
 
 class SmatStage:
@@ -249,6 +320,7 @@ class SmatStage:
             batch,
             stm_seed=self.config.stm_seed,
             gradient_horizon=self.config.gradient_horizon,
+            length_groups=self.config.length_groups,
         )
         tokens = max(batch.answer_tokens, 1)
         ce = out.token_ce.sum() / tokens
