@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rxt.baselines.data import MODES, Mode, check_mode, full_sequence
 from rxt.bench.stateless import llama_config_for
@@ -39,34 +39,11 @@ __all__ = [
 
 BASELINE_FILE = "baseline.json"  # {"mode": "full" | "current"} beside a saved baseline
 
-# What ``PreTrainedConfig.__dict__`` records about where and how a config was loaded, not what
-# model it describes (see _ResumableLlamaConfig).
-_BOOKKEEPING = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype",
-                          "architectures"})  # fmt: skip
-
-
-class _ResumableLlamaConfig(LlamaConfig):
-    """A ``LlamaConfig`` that equals any config describing the same model.
-
-    Why: ``rxt.training.loop`` refuses to resume unless ``model.config == loaded.config``, and
-    ``PreTrainedConfig.__eq__`` compares ``__dict__``, which after ``from_pretrained`` also holds
-    the load path (``_name_or_path``), ``transformers_version``, ``model_type`` and a
-    ``torch.dtype``: a freshly built Llama never equals its own checkpoint. The loop evaluates
-    ``model.config != loaded.config`` with the live model's config on the left, so giving only
-    the live config this semantic ``__eq__`` is enough. It saves as a plain ``llama`` config and
-    loads back as a plain ``LlamaConfig``.
-    """
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PreTrainedConfig):
-            return NotImplemented
-        return _semantic(self) == _semantic(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
-
-
-def _semantic(config: PreTrainedConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
+# What a transformers config records about where and how it was loaded, not what model it
+# describes: left out when a config is copied.
+_BOOKKEEPING = frozenset(
+    {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+)
 
 
 def llama_parameter_count(config: LlamaConfig) -> int:
@@ -133,8 +110,7 @@ def matched_llama_config(
        stays the decoder's whenever the count allows.
 
     Returns ``(config, parameters, target)``; ``parameters`` is exact (tested against a built
-    model). The config's equality ignores load bookkeeping, so ``rxt.training.loop`` can resume
-    a model built from it (see :class:`_ResumableLlamaConfig`).
+    model).
     """
     if target_params is None:
         target_params = rxt_parameter_count(rxt_config)
@@ -168,13 +144,13 @@ def matched_llama_config(
     return MatchedLlama(config, llama_parameter_count(config), target_params)
 
 
-def _with(config: LlamaConfig, **changes: Any) -> _ResumableLlamaConfig:
-    """A copy of ``config`` as a :class:`_ResumableLlamaConfig`, with ``changes`` applied."""
+def _with(config: LlamaConfig, **changes: Any) -> LlamaConfig:
+    """A copy of ``config`` with ``changes`` applied."""
     data = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
     data.pop("model_type", None)
     data.update(changes)
     # to_dict() leaves out the attention implementation; carry it over explicitly.
-    return _ResumableLlamaConfig(**data, attn_implementation=config._attn_implementation)
+    return LlamaConfig(**data, attn_implementation=config._attn_implementation)
 
 
 class StatelessLlama(LlamaForCausalLM):
@@ -209,12 +185,9 @@ def build_baseline(
     """A :class:`StatelessLlama` with weights drawn on the CPU in float32, moved to ``device``,
     in train mode, its generation config set for greedy decoding with rxt's special ids.
     ``seed``: drawn under ``torch.manual_seed(seed)`` with the global RNG left untouched;
-    ``None``: drawn from the global RNG as it stands (a caller that seeded it). The config is
-    made resume-safe (:class:`_ResumableLlamaConfig`) if it is not already."""
+    ``None``: drawn from the global RNG as it stands (a caller that seeded it)."""
     if mode is not None:
         check_mode(mode)
-    if not isinstance(config, _ResumableLlamaConfig):
-        config = _with(config)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
