@@ -121,6 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         reward=not args.no_reward,
+        device=args.device,
     )
     report = {
         "model_dir": args.model_dir,
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
     evaluate.add_argument("--no-reward", action="store_true", help="skip generating every reply")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
 
     data = sub.add_parser("data", help="write dialogue JSONL files")

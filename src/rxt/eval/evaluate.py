@@ -72,14 +72,16 @@ def evaluate_model_dir(
     max_new_tokens: int = 16,
     reward: bool = True,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
-    """``{system name: entry}`` for the model saved at ``path`` (RxT or a baseline)."""
+    """``{system name: entry}`` for the model saved at ``path`` (RxT or a baseline), evaluated
+    on ``device``."""
     path = Path(path)
     systems: dict[str, dict[str, Any]] = {}
     if _model_type(path) != "rxt":
         from rxt.baselines import evaluate_stateless, load_baseline
 
-        model, tokenizer = load_baseline(path)
+        model, tokenizer = load_baseline(path, device=device)
         if model.mode is None:
             raise ValueError(f"{path}: a transformers model without baseline.json (mode unknown)")
         clock = time.perf_counter()
@@ -98,7 +100,7 @@ def evaluate_model_dir(
 
     from rxt.model.reactive_transformer import ReactiveTransformer
 
-    model = ReactiveTransformer.from_pretrained(path)
+    model = ReactiveTransformer.from_pretrained(path, device=device)
     if model.tokenizer is None:
         raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
     for memory in memory_modes:
