@@ -25,7 +25,6 @@ from rxt.baselines import (
     build_matched_baseline,
     evaluate_stateless,
     full_sequence,
-    generate_replies_stateless,
     llama_parameter_count,
     load_baseline,
     matched_llama_config,
@@ -345,8 +344,13 @@ def test_batched_evaluation_equals_batch_size_one(tokenizer, dialogues, model, m
     assert sum(single.probes_by_distance.values()) == sum(len(d.probes) for d in dialogues)
 
     # Replies: batched (left-padded, cached) = one at a time = a no-cache reference loop.
-    replies = generate_replies_stateless(model, tokenizer, dialogues, mode, 6, batch_size=7)
-    alone = generate_replies_stateless(model, tokenizer, dialogues, mode, 6, batch_size=1)
+    def replies_at(batch_size: int) -> list[list[str]]:
+        report = evaluate_stateless(model, tokenizer, dialogues, mode, batch_size=batch_size,
+                                    max_new_tokens=6, replies=True)  # fmt: skip
+        return report.replies
+
+    replies = replies_at(7)
+    alone = replies_at(1)
     assert replies == alone
     assert [len(r) for r in replies] == [len(d.turns) for d in dialogues]
     d = dialogues[3]

@@ -19,7 +19,7 @@ Needs Hugging Face ``transformers`` (the ``bench`` extra).
 """
 
 from rxt.baselines.data import MODES, Mode, full_sequence, reply_prompts, scored_rows
-from rxt.baselines.evaluate import evaluate_stateless, generate_replies_stateless, greedy_replies
+from rxt.baselines.evaluate import evaluate_stateless, greedy_replies
 from rxt.baselines.model import (
     BASELINE_FILE,
     MatchedLlama,
@@ -45,7 +45,6 @@ __all__ = [
     "build_matched_baseline",
     "evaluate_stateless",
     "full_sequence",
-    "generate_replies_stateless",
     "greedy_replies",
     "llama_parameter_count",
     "load_baseline",

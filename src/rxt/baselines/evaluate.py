@@ -31,29 +31,19 @@ from transformers import DynamicCache, PreTrainedModel
 
 from rxt.baselines.data import Mode, check_mode, reply_prompts, scored_rows
 from rxt.data.dialogue import Dialogue
-from rxt.eval.recall import RecallReport
+from rxt.eval.recall import RecallReport, check_eval_args
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
-__all__ = ["evaluate_stateless", "generate_replies_stateless", "greedy_replies"]
+__all__ = ["evaluate_stateless", "greedy_replies"]
 
 
 def _check(model, tokenizer, dialogues, mode, batch_size, max_new_tokens, max_len):
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
-    if not isinstance(tokenizer, RxTTokenizer):
-        raise TypeError(f"tokenizer must be an RxTTokenizer, got {type(tokenizer).__name__}")
     check_mode(mode)
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    dialogues = check_eval_args(tokenizer, dialogues, batch_size, max_new_tokens)
     if max_len is None:
         max_len = model.config.max_position_embeddings
-    dialogues = list(dialogues)
-    if not dialogues:
-        raise ValueError("no dialogues to evaluate")
-    for k, d in enumerate(dialogues):
-        if not isinstance(d, Dialogue):
-            raise TypeError(f"dialogues[{k}] must be a Dialogue, got {type(d).__name__}")
     return dialogues, max_len
 
 
@@ -227,46 +217,3 @@ def evaluate_stateless(
         accuracy=correct.item() / tokens,
         **extra,
     )
-
-
-def generate_replies_stateless(
-    model: PreTrainedModel,
-    tokenizer: RxTTokenizer,
-    dialogues: Sequence[Dialogue],
-    mode: Mode,
-    max_new_tokens: int,
-    *,
-    batch_size: int = 32,
-    max_len: int | None = None,
-) -> list[list[str]]:
-    """``replies[i][t]``: the greedy reply to turn ``t`` of dialogue ``i`` given the gold history
-    (``mode`` as in :func:`evaluate_stateless`), decoded and stripped like a probe answer. Input
-    for :func:`rxt.eval.reward.reward` (reference: ``turns[t].answer``, history: the earlier
-    gold turns). Same shape as an RxT counterpart should return."""
-    dialogues, max_len = _check(
-        model, tokenizer, dialogues, mode, batch_size, max_new_tokens, max_len
-    )
-    prompts = [
-        p
-        for d in dialogues
-        for p in reply_prompts(tokenizer, d, mode, max_len=max_len, max_new_tokens=max_new_tokens)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            flat = greedy_replies(
-                model,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
-                batch_size=batch_size,
-            )
-    finally:
-        model.train(was_training)
-    out, k = [], 0
-    for d in dialogues:
-        out.append([_reply_text(tokenizer, ids) for ids in flat[k : k + len(d.turns)]])
-        k += len(d.turns)
-    return out

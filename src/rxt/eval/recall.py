@@ -46,7 +46,7 @@ from rxt.generation import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import EncodedInteraction, RxTTokenizer, pad_sequences
 
-__all__ = ["MemoryMode", "RecallReport", "donor", "evaluate_dialogues"]
+__all__ = ["MemoryMode", "RecallReport", "check_eval_args", "donor", "evaluate_dialogues"]
 
 MemoryMode = Literal["on", "off", "swapped"]
 _MODES = ("on", "off", "swapped")
@@ -114,13 +114,11 @@ class _Totals:
         self.replies: dict[tuple[int, int], str] = {}
 
 
-def _check(model, tokenizer, dialogues, memory, batch_size, max_new_tokens) -> list[Dialogue]:
-    if not isinstance(model, ReactiveTransformer):
-        raise TypeError(f"model must be a ReactiveTransformer, got {type(model).__name__}")
+def check_eval_args(tokenizer, dialogues, batch_size, max_new_tokens) -> list[Dialogue]:
+    """The checks every system's evaluation shares (RxT here, the stateless baselines in
+    :mod:`rxt.baselines.evaluate`); returns the dialogues as a list."""
     if not isinstance(tokenizer, RxTTokenizer):
         raise TypeError(f"tokenizer must be an RxTTokenizer, got {type(tokenizer).__name__}")
-    if memory not in _MODES:
-        raise ValueError(f"memory must be one of {', '.join(_MODES)}, got {memory!r}")
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -130,6 +128,15 @@ def _check(model, tokenizer, dialogues, memory, batch_size, max_new_tokens) -> l
     for k, d in enumerate(dialogues):
         if not isinstance(d, Dialogue):
             raise TypeError(f"dialogues[{k}] must be a Dialogue, got {type(d).__name__}")
+    return dialogues
+
+
+def _check(model, tokenizer, dialogues, memory, batch_size, max_new_tokens) -> list[Dialogue]:
+    if not isinstance(model, ReactiveTransformer):
+        raise TypeError(f"model must be a ReactiveTransformer, got {type(model).__name__}")
+    if memory not in _MODES:
+        raise ValueError(f"memory must be one of {', '.join(_MODES)}, got {memory!r}")
+    dialogues = check_eval_args(tokenizer, dialogues, batch_size, max_new_tokens)
     if memory == "swapped" and len(dialogues) < 2:
         raise ValueError("memory='swapped' needs at least 2 dialogues")
     return dialogues

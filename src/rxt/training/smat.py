@@ -227,14 +227,14 @@ def smat_forward(
 
     # Encoder once over every interaction some later turn reads: turn t of each dialogue that
     # has a turn t+1 (the active prefix of length active[t+1] of turn t's rows).
+    # Row numbers built on the host: their lengths come from the CPU mask, no device sync.
     encode_rows = [
-        torch.arange(offsets[t], offsets[t] + active[t + 1], device=device)
-        for t in range(len(active) - 1)
+        r for t in range(len(active) - 1) for r in range(offsets[t], offsets[t] + active[t + 1])
     ]
     reads = [stm]
     if encode_rows:
-        index = torch.cat(encode_rows)
-        encode_lengths = [lengths[i] for i in index.tolist()]
+        index = torch.tensor(encode_rows, device=device)
+        encode_lengths = [lengths[i] for i in encode_rows]
         encoded = _encode(model, ids[index], mask[index], encode_lengths, groups)
         start = 0
         for t in range(len(active) - 1):
