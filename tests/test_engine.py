@@ -701,6 +701,59 @@ def test_system_prompt_is_encoded_as_turn_zero(model: ReactiveTransformer) -> No
         assert result.token_ids == reference_answer(model, "Hello", stm, 12)
 
 
+def test_absorb_replays_a_turn_into_memory_without_decoding(model: ReactiveTransformer) -> None:
+    """A transcript's earlier turn written with ``absorb`` is the update of its interaction,
+    counted as a turn; the next turn then reads that memory."""
+    tok = model.tokenizer
+    query, answer = "My cat is called Felix.", "Nice name!"
+    with Engine(model) as engine:
+        recorder = Recorder()
+        conv = engine.conversation(seed=21, on_update=recorder)
+        stm0 = committed(conv)
+        conv.absorb(query, answer)
+        stm1 = committed(conv)
+        with torch.no_grad():
+            ids = torch.tensor([tok.encode_interaction(query, answer).input_ids])
+            want = model.update_memory(stm0, ids)
+        assert_stm_equal(stm1, want)
+        assert conv.turns == 1 and recorder.kinds() == [("started", 1), ("finished", 1)]
+        result = finish(conv.send("What is my cat called?", max_new_tokens=8))
+        assert result.turn == 2
+        assert result.token_ids == reference_answer(model, "What is my cat called?", stm1, 8)
+        system = engine.conversation(seed=21)
+        system.absorb_system("Be brief.")
+        assert_stm_equal(
+            committed(system), committed(engine.conversation(system_prompt="Be brief.", seed=21))
+        )
+        with pytest.raises(ValueError, match="max_length"):
+            conv.absorb("x " * 200, "y")
+        assert conv.turns == 2  # the refused turn changed nothing
+
+
+def test_poll_and_on_event_consume_a_turn_without_blocking(model: ReactiveTransformer) -> None:
+    """What the server's event loop uses: ``on_event`` wakes it for tokens, the end and the
+    memory update; ``poll`` never blocks and yields the same pieces as iteration."""
+    wakes = threading.Semaphore(0)
+    with Engine(model) as engine:
+        conv = engine.conversation(seed=22)
+        stream = conv.send("What colour is the car?", max_new_tokens=10, stop_at_eos=False)
+        stream.on_event(wakes.release)
+        pieces: list = []
+        done = False
+        while not done:
+            assert wakes.acquire(timeout=30)
+            got, done = stream.poll()
+            pieces += got
+        assert stream.finished and stream.poll() == ([], True)
+        while not stream.update_finished:
+            assert wakes.acquire(timeout=30)
+        result = stream.result()
+        assert stream.wait_update(0) is not None and stream.turn == result.turn == 1
+    ids = [p.token_id for p in pieces if p.token_id is not None]
+    assert ids == result.token_ids
+    assert "".join(p.text for p in pieces) == result.text
+
+
 # --------------------------------------------------------------------------- 7. streaming
 def test_streamed_pieces_match_result(model: ReactiveTransformer) -> None:
     tok = model.tokenizer

@@ -7,10 +7,7 @@ when the binary is missing unless ``RXT_REQUIRE_REDIS=1`` (CI), where they fail 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from redis_support import redis_server
 from rxt.serve.store import (
     StateStore,
     StoreConflict,
@@ -33,49 +31,10 @@ from rxt.serve.store_sqlite import SQLiteStore
 ALICE, BOB = "owner-alice", "owner-bob"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("RXT_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server not found and RXT_REQUIRE_REDIS=1")
-        pytest.skip("redis-server not installed")
-    pytest.importorskip("redis")
-    import redis
-
-    workdir = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    args = [binary, "--save", "", "--appendonly", "no", "--port", str(port)]
-    args += ["--bind", "127.0.0.1", "--dir", str(workdir)]
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None:
-                    pytest.fail(f"redis-server exited: {proc.stderr.read().decode()[-500:]}")
-                time.sleep(0.05)
-        else:
-            pytest.fail("redis-server did not answer within 5 s")
-        client.close()
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -237,6 +196,43 @@ def test_bind_and_lookup(make_store) -> None:
     assert store.lookup(ALICE, "prefix:abc") == (cid, 2)
     with pytest.raises(StoreNotFound, match="version 3"):
         store.bind(ALICE, "x", cid, 3)
+
+
+def test_pending_bindings_unbind_and_get_turn(make_store) -> None:
+    """A pending binding names the version a writer is about to append: visible to
+    ``binding`` (not to ``lookup``) until that version exists; only ``latest + 1`` may be
+    bound pending; ``unbind`` removes an alias; ``get_turn`` reads a turn without its state."""
+    store = make_store()
+    cid = store.create_conversation(ALICE)
+    store.append_version(ALICE, cid, 0, b"s1", {"turn": 1})
+    before = time.time()
+    store.bind(ALICE, "resp_next", cid, 2, pending=True)
+    found = store.binding(ALICE, "resp_next")
+    assert (found.conversation_id, found.version, found.committed) == (cid, 2, False)
+    assert before - 1 <= found.bound_at <= time.time() + 1
+    assert store.lookup(ALICE, "resp_next") is None
+    assert store.binding(BOB, "resp_next") is None  # owners stay apart
+    with pytest.raises(StoreNotFound):
+        store.bind(ALICE, "too_far", cid, 3, pending=True)
+    with pytest.raises(StoreNotFound):
+        store.bind(ALICE, "not_pending", cid, 2)
+    with pytest.raises(StoreNotFound):
+        store.bind(ALICE, "nowhere", "no-such-conversation", 1, pending=True)
+    store.append_version(ALICE, cid, 1, b"s2", {"turn": 2, "keys": ["resp_next"]})
+    assert store.binding(ALICE, "resp_next").committed
+    assert store.lookup(ALICE, "resp_next") == (cid, 2)
+    assert store.get_turn(ALICE, cid, 2) == {"turn": 2, "keys": ["resp_next"]}
+    assert store.get_turn(ALICE, cid, 3) is None and store.get_turn(BOB, cid, 2) is None
+    assert store.unbind(ALICE, "resp_next") and not store.unbind(ALICE, "resp_next")
+    assert store.binding(ALICE, "resp_next") is None
+    store.bind_many(ALICE, ["a", "b"], cid, 3, pending=True)
+    assert [store.binding(ALICE, k).version for k in ("a", "b")] == [3, 3]
+    with pytest.raises(StoreNotFound):
+        store.bind_many(ALICE, ["c", "d"], cid, 3)  # not stored, not pending
+    assert store.binding(ALICE, "c") is None
+    store.bind(ALICE, "doomed", cid, 3, pending=True)
+    store.delete_conversation(ALICE, cid)
+    assert store.binding(ALICE, "doomed") is None
 
 
 def test_keep_versions_prunes_old(make_store) -> None:

@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat.add_arguments(sub.add_parser("chat", help="interactive chat with a saved model"))
 
+    from rxt.serve import cli as serve_cli
+
+    serve_cli.add_arguments(
+        sub.add_parser("serve", help="OpenAI-compatible server keeping each conversation's STM")
+    )
+
     bench = sub.add_parser("bench", help="latency and throughput benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     presets = RxTConfig.presets()
@@ -314,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rxt.chat import run_chat
 
             return run_chat(args)
+        if args.command == "serve":
+            from rxt.serve.cli import run_server
+
+            return run_server(args)
         if args.command == "bench":
             if args.bench == "latency":
                 return cmd_bench_latency(args)

@@ -201,6 +201,38 @@ class Conversation:
         """``send`` and wait for the whole answer."""
         return self.send(query, sampling, **overrides).result()
 
+    def absorb(self, query: str, answer: str) -> None:
+        """Write a turn that happened elsewhere (a transcript being replayed) into memory.
+
+        It gets the same asynchronous update as a generated turn — the encoder reads
+        ``[BOS][Q] query [A] answer [EOS]`` — without decoding; the next turn waits for it.
+        ValueError (nothing changed) if the interaction exceeds ``max_seq_len``."""
+        limit = self.engine.model.config.max_seq_len
+        ids = self.engine.tokenizer.encode_interaction(query, answer, max_length=limit).input_ids
+        self._replay(ids)
+
+    def absorb_system(self, text: str) -> None:
+        """Encode ``text`` as a system prompt into the current memory (as turn 0 does for a
+        conversation created with ``system_prompt``); the next turn waits for it."""
+        ids = self.engine.tokenizer.encode_system(text)
+        limit = self.engine.model.config.max_seq_len
+        if len(ids) > limit:
+            raise ValueError(
+                f"system prompt is {len(ids)} tokens with its markers; max_seq_len is {limit}"
+            )
+        self.system_prompt = text
+        self._replay(ids, turn=0)
+
+    def _replay(self, ids: list[int], turn: int | None = None) -> None:
+        self.wait()  # the update must start from the memory every earlier turn committed
+        with self._cond:
+            self._pending += 1
+            self._active = "replay"
+            if turn is None:
+                self._submitted += 1
+                turn = self._submitted
+        self._submit_update(ids, turn=turn)
+
     def _format_query(self, query: str | Sequence[int]) -> tuple[str, list[int]]:
         tokenizer = self.engine.tokenizer
         if isinstance(query, str):
@@ -227,16 +259,7 @@ class Conversation:
 
     def _start_system_prompt(self) -> None:
         """Encode the system prompt as turn 0 (paper §4, step 4), asynchronously."""
-        ids = self.engine.tokenizer.encode_system(self.system_prompt or "")
-        limit = self.engine.model.config.max_seq_len
-        if len(ids) > limit:
-            raise ValueError(
-                f"system prompt is {len(ids)} tokens with its markers; max_seq_len is {limit}"
-            )
-        with self._cond:
-            self._pending += 1
-            self._active = "system"
-        self._submit_update(ids, turn=0)
+        self.absorb_system(self.system_prompt or "")
 
     def _submit_update(
         self, interaction: list[int], turn: int, request: TurnRequest | None = None, ready=None
@@ -260,6 +283,7 @@ class Conversation:
             if request is not None:
                 request.update_timing, request.update_error = timing, error
                 request.update_done.set()
+                request._wake()
             with self._cond:
                 self._active = None
                 self._pending -= 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -80,6 +80,7 @@ class TurnRequest:
     update_done: threading.Event = field(default_factory=threading.Event)
     update_timing: UpdateTiming | None = None
     update_error: BaseException | None = None
+    waker: Callable[[], None] | None = None  # called on the engine thread after each event
 
     def emit(self, token: int, now: float) -> None:
         if not self.answer:
@@ -87,11 +88,18 @@ class TurnRequest:
         self.last_token_at = now
         self.answer.append(token)
         self.events.put(token)
+        self._wake()
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.events.put(_DONE)
         self.ended.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waker = self.waker
+        if waker is not None:
+            waker()
 
     def drop(self) -> None:
         """Cancelled before it started: no answer, no memory update."""
@@ -104,6 +112,7 @@ class TurnRequest:
         self.update_done.set()
         self.events.put(error)
         self.ended.set()
+        self._wake()
 
 
 class TurnStream:
@@ -125,11 +134,15 @@ class TurnStream:
         if tail:
             yield Piece(tail, None)
 
-    def _next_token(self) -> int | None:
-        """The next token id, or None at the end of the answer."""
+    def _next_token(self, block: bool = True) -> int | None:
+        """The next token id, or None at the end of the answer (or, with ``block=False``,
+        when no token is queued yet)."""
         if self._finished:
             return None
-        event = self._request.events.get()
+        try:
+            event = self._request.events.get(block=block)
+        except queue.Empty:
+            return None
         if event is _DONE:
             self._finished = True
             return None
@@ -151,6 +164,44 @@ class TurnStream:
         self._prefix, self._read = self._read, len(ids)
         self._text += new
         return new
+
+    def on_event(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on an engine thread; keep it short and non-blocking) whenever
+        a token or the end of the answer is queued, when the memory update has ended, and once
+        now. With :meth:`poll` this lets
+        an event loop consume the stream without a thread per turn."""
+        self._request.waker = callback
+        callback()
+
+    def poll(self) -> tuple[list[Piece], bool]:
+        """The pieces queued since the last call, without blocking, and whether the answer has
+        ended (the last pieces are in this list then). Raises :class:`EngineError` like
+        iteration if the turn failed."""
+        pieces: list[Piece] = []
+        while (token := self._next_token(block=False)) is not None:
+            self._ids.append(token)
+            pieces.append(Piece(self._decode(final=False), token))
+        if self._finished:
+            tail = self._decode(final=True)
+            if tail:
+                pieces.append(Piece(tail, None))
+        return pieces, self._finished
+
+    @property
+    def update_finished(self) -> bool:
+        """True once this turn's memory update has ended (or the turn ended without one);
+        :meth:`wait_update` then returns at once."""
+        return self._request.update_done.is_set()
+
+    @property
+    def turn(self) -> int:
+        """This turn's number in its conversation (1 = the first after the system prompt)."""
+        return self._request.turn
+
+    @property
+    def finished(self) -> bool:
+        """True once the end of the answer has been read (by iteration, ``poll`` or ``result``)."""
+        return self._finished
 
     @property
     def text(self) -> str:

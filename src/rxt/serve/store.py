@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Binding",
     "ConversationInfo",
     "StateStore",
     "StoreConflict",
@@ -87,6 +88,18 @@ class StoredVersion:
     sha256: str  # of ``state``, verified when this object was read
     created_at: float
     turn: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where an alias key points. ``committed`` is False for a *pending* binding: one made
+    (with ``bind(..., pending=True)``) for the version a writer is about to append, so that
+    another process can tell "being written" from "never existed" and wait for it."""
+
+    conversation_id: str
+    version: int
+    bound_at: float  # time.time() of the bind
+    committed: bool
 
 
 def sha256_hex(data: bytes) -> str:
@@ -197,12 +210,45 @@ class StateStore(ABC):
         """The stored versions' turn dicts in version order ([] if missing)."""
 
     @abstractmethod
-    def bind(self, owner: str, key: str, conversation_id: str, version: int) -> None:
-        """Point alias ``key`` at a stored version (overwrites an earlier binding)."""
+    def get_turn(self, owner: str, conversation_id: str, version: int) -> dict | None:
+        """One version's turn dict without its state (cheap), or None if missing or pruned."""
 
     @abstractmethod
+    def bind(
+        self, owner: str, key: str, conversation_id: str, version: int, *, pending: bool = False
+    ) -> None:
+        """Point alias ``key`` at a stored version (overwrites an earlier binding). With
+        ``pending`` the version may also be the next one, ``latest + 1``, not yet appended; a
+        reader must then check that the version, once there, is the one it was bound for
+        (another writer may have won the compare-and-set)."""
+
+    def bind_many(
+        self,
+        owner: str,
+        keys: list[str],
+        conversation_id: str,
+        version: int,
+        *,
+        pending: bool = False,
+    ) -> None:
+        """:meth:`bind` every key of ``keys`` to the same version, in one write."""
+        for key in keys:
+            self.bind(owner, key, conversation_id, version, pending=pending)
+
     def lookup(self, owner: str, key: str) -> tuple[str, int] | None:
-        """(conversation_id, version) for an alias, or None if unbound or its target is gone."""
+        """(conversation_id, version) for an alias whose version is stored, or None if unbound,
+        pending, or its target is gone."""
+        found = self.binding(owner, key)
+        return (found.conversation_id, found.version) if found and found.committed else None
+
+    @abstractmethod
+    def binding(self, owner: str, key: str) -> Binding | None:
+        """The alias's target, pending or stored; None if unbound or its target is gone
+        (conversation deleted or expired, version pruned)."""
+
+    @abstractmethod
+    def unbind(self, owner: str, key: str) -> bool:
+        """Remove an alias; False if it was not bound."""
 
     @abstractmethod
     def purge(self, now: float | None = None) -> int:

@@ -14,7 +14,7 @@ Guarantees and why:
       P O :state:<id>   hash   version -> state bytes
       P O :meta:<id>    hash   version -> JSON {sha256, created_at, turn}
       P O :binds:<id>   set    alias keys bound to this conversation (deleted with it)
-      P O :alias:<key>  string "<version>:<id>"
+      P O :alias:<key>  string "<version>:<bound_at>:<id>"
       P O :convs        zset   id scored by last activity (for listing)
 
 * **Retention by EXPIRE.** With ``ttl_seconds`` every create and append (re)sets the TTL of
@@ -34,6 +34,7 @@ import math
 import time
 
 from rxt.serve.store import (
+    Binding,
     ConversationInfo,
     StateStore,
     StoreConflict,
@@ -109,8 +110,9 @@ local existed = redis.call('EXISTS', KEYS[1])
 for _, alias in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   local val = redis.call('GET', alias)
   if val then
-    local sep = string.find(val, ':', 1, true)
-    if sep and string.sub(val, sep + 1) == ARGV[1] then redis.call('DEL', alias) end
+    local a = string.find(val, ':', 1, true)
+    local b = a and string.find(val, ':', a + 1, true)
+    if b and string.sub(val, b + 1) == ARGV[1] then redis.call('DEL', alias) end
   end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
@@ -118,10 +120,15 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 return existed
 """
 
-# KEYS: meta, binds, alias. ARGV: version, id, ttl.
+# KEYS: meta, binds, alias, conv. ARGV: version, id, ttl, pending (0/1), now.
 _BIND = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  local latest = redis.call('HGET', KEYS[4], 'latest')
+  if ARGV[4] == '0' or not latest or tonumber(latest) + 1 ~= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[3], ARGV[1] .. ':' .. ARGV[5] .. ':' .. ARGV[2])
 redis.call('SADD', KEYS[2], KEYS[3])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
@@ -129,6 +136,21 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 return 1
+"""
+
+# KEYS: alias. Reads the binding and, in the same step, its target's state.
+_BINDING = """
+local val = redis.call('GET', KEYS[1])
+if not val then return false end
+local a = string.find(val, ':', 1, true)
+local b = string.find(val, ':', a + 1, true)
+local version = string.sub(val, 1, a - 1)
+local cid = string.sub(val, b + 1)
+local prefix = ARGV[1]
+local latest = redis.call('HGET', prefix .. ':conv:' .. cid, 'latest')
+if not latest then return false end
+local stored = redis.call('HEXISTS', prefix .. ':meta:' .. cid, version)
+return {version, string.sub(val, a + 1, b - 1), cid, latest, stored}
 """
 
 
@@ -155,12 +177,14 @@ class RedisStore(StateStore):
         self._ttl = 0 if ttl_seconds is None else max(1, math.ceil(ttl_seconds))
         self._keep = keep_versions or 0
         scripts = {"create": _CREATE, "append": _APPEND, "read": _READ}
-        scripts |= {"delete": _DELETE, "bind": _BIND}
+        scripts |= {"delete": _DELETE, "bind": _BIND, "binding": _BINDING}
         self._scripts = {name: self.redis.register_script(src) for name, src in scripts.items()}
 
+    def _owner_prefix(self, owner: str) -> str:
+        return self.prefix + hashlib.sha256(owner.encode()).hexdigest()
+
     def _key(self, owner: str, kind: str, name: str = "") -> str:
-        tag = hashlib.sha256(owner.encode()).hexdigest()
-        return f"{self.prefix}{tag}:{kind}" + (f":{name}" if name else "")
+        return f"{self._owner_prefix(owner)}:{kind}" + (f":{name}" if name else "")
 
     def _conv_keys(self, owner: str, cid: str) -> list[str]:
         kinds = ("conv", "state", "meta", "binds")
@@ -275,27 +299,59 @@ class RedisStore(StateStore):
         metas = self.redis.hgetall(self._key(owner, "meta", conversation_id))
         return [json.loads(metas[v])["turn"] for v in sorted(metas, key=int)]
 
+    def get_turn(self, owner: str, conversation_id: str, version: int) -> dict | None:
+        meta = self.redis.hget(self._key(owner, "meta", conversation_id), version)
+        return None if meta is None else json.loads(meta)["turn"]
+
     # -- aliases ----------------------------------------------------------------------------
 
-    def bind(self, owner: str, key: str, conversation_id: str, version: int) -> None:
-        check_id("key", key)
+    def bind(
+        self, owner: str, key: str, conversation_id: str, version: int, *, pending: bool = False
+    ) -> None:
+        self.bind_many(owner, [key], conversation_id, version, pending=pending)
+
+    def bind_many(
+        self,
+        owner: str,
+        keys: list[str],
+        conversation_id: str,
+        version: int,
+        *,
+        pending: bool = False,
+    ) -> None:
+        for key in keys:
+            check_id("key", key)
         check_version("version", version, 1)
-        keys = [
-            self._key(owner, "meta", conversation_id),
-            self._key(owner, "binds", conversation_id),
-            self._key(owner, "alias", key),
-        ]
-        if not self._scripts["bind"](keys, [version, conversation_id, self._ttl]):
+        args = [version, conversation_id, self._ttl, int(pending), repr(time.time())]
+        pipe = self.redis.pipeline(transaction=False)  # one round trip for every key
+        for key in keys:
+            script_keys = [
+                self._key(owner, "meta", conversation_id),
+                self._key(owner, "binds", conversation_id),
+                self._key(owner, "alias", key),
+                self._key(owner, "conv", conversation_id),
+            ]
+            self._scripts["bind"](script_keys, args, client=pipe)
+        if not all(pipe.execute()):
             raise not_found(conversation_id, version)
 
-    def lookup(self, owner: str, key: str) -> tuple[str, int] | None:
-        val = self.redis.get(self._key(owner, "alias", key))
-        if val is None:
+    def binding(self, owner: str, key: str) -> Binding | None:
+        # The script derives the target's keys itself (the alias names the conversation), so
+        # it reads them in the same atomic step as the alias.
+        alias = self._key(owner, "alias", key)
+        got = self._scripts["binding"]([alias], [self._owner_prefix(owner)])
+        if not got:
             return None
-        version, _, cid = _s(val).partition(":")
-        if not self.redis.hexists(self._key(owner, "meta", cid), version):
-            return None  # pruned, expired or deleted since it was bound
-        return cid, int(version)
+        version, bound_at, cid, latest, stored = (_s(v) if isinstance(v, bytes) else v for v in got)
+        version = int(version)  # Lua returns numbers as ints and strings as bytes
+        if int(stored):
+            return Binding(cid, version, float(bound_at), committed=True)
+        if version > int(latest):
+            return Binding(cid, version, float(bound_at), committed=False)
+        return None  # pruned, expired or deleted since it was bound
+
+    def unbind(self, owner: str, key: str) -> bool:
+        return bool(self.redis.delete(self._key(owner, "alias", key)))
 
     # -- retention --------------------------------------------------------------------------
 

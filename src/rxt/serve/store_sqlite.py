@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rxt.serve.store import (
+    Binding,
     ConversationInfo,
     StateStore,
     StoreConflict,
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS bindings (
     key TEXT NOT NULL,
     conversation_id TEXT NOT NULL,
     version INTEGER NOT NULL,
+    bound_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (owner, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS bindings_by_conversation ON bindings (owner, conversation_id);
@@ -259,34 +261,90 @@ class SQLiteStore(StateStore):
         )
         return [json.loads(t) for (t,) in rows]
 
-    # -- aliases ----------------------------------------------------------------------------
-
-    def bind(self, owner: str, key: str, conversation_id: str, version: int) -> None:
-        check_id("key", key)
-        check_version("version", version, 1)
-        with self._write() as db:
-            exists = db.execute(
-                "SELECT 1 FROM versions WHERE owner = ? AND conversation_id = ? AND version = ?",
-                (owner, conversation_id, version),
-            ).fetchone()
-            if exists is None:
-                raise not_found(conversation_id, version)
-            db.execute(
-                "INSERT OR REPLACE INTO bindings (owner, key, conversation_id, version) "
-                "VALUES (?, ?, ?, ?)",
-                (owner, key, conversation_id, version),
-            )
-
-    def lookup(self, owner: str, key: str) -> tuple[str, int] | None:
+    def get_turn(self, owner: str, conversation_id: str, version: int) -> dict | None:
         row = (
             self._db()
             .execute(
-                "SELECT conversation_id, version FROM bindings WHERE owner = ? AND key = ?",
+                "SELECT turn FROM versions WHERE owner = ? AND conversation_id = ? AND version = ?",
+                (owner, conversation_id, version),
+            )
+            .fetchone()
+        )
+        return None if row is None else json.loads(row[0])
+
+    # -- aliases ----------------------------------------------------------------------------
+
+    def bind(
+        self, owner: str, key: str, conversation_id: str, version: int, *, pending: bool = False
+    ) -> None:
+        self.bind_many(owner, [key], conversation_id, version, pending=pending)
+
+    def bind_many(
+        self,
+        owner: str,
+        keys: list[str],
+        conversation_id: str,
+        version: int,
+        *,
+        pending: bool = False,
+    ) -> None:
+        for key in keys:
+            check_id("key", key)
+        check_version("version", version, 1)
+        db = self._db()
+        if pending:
+            # A pending binding is a hint that a commit is coming, worth no fsync: lost in an
+            # OS crash it is the same as its writer dying first, which readers handle.
+            db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._write() as db:
+                row = db.execute(
+                    "SELECT latest_version FROM conversations WHERE owner = ? AND id = ?",
+                    (owner, conversation_id),
+                ).fetchone()
+                exists = db.execute(
+                    "SELECT 1 FROM versions WHERE owner = ? AND conversation_id = ? "
+                    "AND version = ?",
+                    (owner, conversation_id, version),
+                ).fetchone()
+                if row is None or not (exists or (pending and version == row[0] + 1)):
+                    raise not_found(conversation_id, version)
+                now = time.time()
+                db.executemany(
+                    "INSERT OR REPLACE INTO bindings "
+                    "(owner, key, conversation_id, version, bound_at) VALUES (?, ?, ?, ?, ?)",
+                    [(owner, key, conversation_id, version, now) for key in keys],
+                )
+        finally:
+            if pending:
+                db.execute("PRAGMA synchronous=FULL")
+
+    def binding(self, owner: str, key: str) -> Binding | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT b.conversation_id, b.version, b.bound_at, c.latest_version, "
+                "EXISTS (SELECT 1 FROM versions v WHERE v.owner = b.owner AND "
+                "v.conversation_id = b.conversation_id AND v.version = b.version) "
+                "FROM bindings b JOIN conversations c ON c.owner = b.owner "
+                "AND c.id = b.conversation_id WHERE b.owner = ? AND b.key = ?",
                 (owner, key),
             )
             .fetchone()
         )
-        return None if row is None else (row[0], row[1])
+        if row is None:
+            return None
+        cid, version, bound_at, latest, exists = row
+        if exists:
+            return Binding(cid, version, bound_at, committed=True)
+        return Binding(cid, version, bound_at, committed=False) if version > latest else None
+
+    def unbind(self, owner: str, key: str) -> bool:
+        with self._write() as db:
+            gone = db.execute(
+                "DELETE FROM bindings WHERE owner = ? AND key = ?", (owner, key)
+            ).rowcount
+        return gone > 0
 
     # -- retention --------------------------------------------------------------------------
 
