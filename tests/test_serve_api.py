@@ -576,3 +576,21 @@ def test_store_failures_are_503_with_the_reason(server, client, monkeypatch):
         chat(client, [{"role": "user", "content": "seal fails"}])
     monkeypatch.undo()
     assert chat(client, [{"role": "user", "content": "works again"}])[0].choices
+
+
+def test_serve_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
+    from rxt.cli import main
+
+    store = str(tmp_path / "s.db")
+    cases = [
+        (["serve", str(tmp_path / "missing"), "--store", store], "no such model directory"),
+        (["serve", str(tmp_path), "--store", "redis://127.0.0.1:1/0"], "--store redis://"),
+        (["serve", str(tmp_path), "--store", "ftp://x"], "unsupported state store URL"),
+        (["serve", str(tmp_path), "--api-keys", str(tmp_path / "none.txt")], "API keys file"),
+        (["serve", str(tmp_path), "--store", store, "--max-messages", "0"], "max_messages"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("rxt serve: error:") and expected in err, err
+        assert err.count("\n") == 1  # one line, no traceback

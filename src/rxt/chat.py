@@ -24,6 +24,7 @@ from rxt.engine import EngineError, StateError
 
 if TYPE_CHECKING:
     from rxt.engine import Conversation, Engine
+    from rxt.model.reactive_transformer import ReactiveTransformer
 
 HELP = """\
 commands:
@@ -62,7 +63,6 @@ def _build_engine(args: argparse.Namespace) -> Engine:
     import torch
 
     from rxt.engine import Engine, SamplingParams
-    from rxt.model.reactive_transformer import ReactiveTransformer
 
     # Checked before the load, so a typo costs no wait.
     names = [flag[2:].replace("-", "_") for flag, *_ in _SAMPLING]
@@ -71,16 +71,26 @@ def _build_engine(args: argparse.Namespace) -> Engine:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    return Engine(load_text_model(args.model_dir, args.device), default_sampling=sampling)
+
+
+def load_text_model(model_dir: str, device_name: str) -> ReactiveTransformer:
+    """A saved model with its tokenizer on ``device_name`` (``--device``); a user error
+    raises ValueError or OSError with one line."""
+    import torch
+
+    from rxt.model.reactive_transformer import ReactiveTransformer
+
     try:
-        device = torch.device(args.device)
+        device = torch.device(device_name)
     except RuntimeError:
-        raise ValueError(f"--device: unknown device {args.device!r}") from None
+        raise ValueError(f"--device: unknown device {device_name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here")
-    model = ReactiveTransformer.from_pretrained(args.model_dir, device=device)
+    model = ReactiveTransformer.from_pretrained(model_dir, device=device)
     if model.tokenizer is None:
-        raise ValueError(f"{args.model_dir}: no tokenizer.json, so text cannot be encoded")
-    return Engine(model, default_sampling=sampling)
+        raise ValueError(f"{model_dir}: no tokenizer.json, so text cannot be encoded")
+    return model
 
 
 def _one_line(message: object) -> str:

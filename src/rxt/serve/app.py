@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from rxt.engine import Engine, SamplingParams
+from rxt.engine import Engine
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.serve.auth import KeyRing
 from rxt.serve.errors import APIError, error_body, install_error_handlers
@@ -43,11 +43,7 @@ def create_app(
             ttl_seconds=settings.ttl_seconds,
             keep_versions=settings.keep_versions,
         )
-        engine = Engine(
-            model,
-            max_batch_size=settings.max_batch_size,
-            default_sampling=SamplingParams(temperature=1.0),
-        )
+        engine = Engine(model, max_batch_size=settings.max_batch_size)
         service = TurnService(engine, store, settings, metrics)
         app.state.service = service
         metrics.gauges(

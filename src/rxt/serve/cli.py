@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_app(args: argparse.Namespace):
     """The app for parsed ``args``; a user error raises ValueError with one line."""
-    import torch
-
-    from rxt.model.reactive_transformer import ReactiveTransformer
+    from rxt.chat import load_text_model
     from rxt.serve.app import create_app
     from rxt.serve.auth import KeyRing
     from rxt.serve.settings import Limits, ServerSettings
@@ -71,16 +69,7 @@ def build_app(args: argparse.Namespace):
         open_store(settings.store_url).close()
     except Exception as exc:
         raise ValueError(f"--store {settings.store_url}: {exc}") from exc
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
-    model = ReactiveTransformer.from_pretrained(args.model_dir, device=device)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model_dir}: no tokenizer.json, so text cannot be encoded")
-    return create_app(model, settings, keys)
+    return create_app(load_text_model(args.model_dir, args.device), settings, keys)
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -4,9 +4,9 @@ The HTTP routes describe a turn (:class:`TurnSpec`); :meth:`TurnService.start` f
 it continues from, replays any earlier turns the server has not seen, and sends the query to the
 batched :class:`~rxt.engine.Engine`. The route streams the answer; :meth:`ActiveTurn.seal` then
 binds the turn's alias keys (response id, transcript hash) as *pending* on the version about to
-be written, before the client hears ``[DONE]``; after the response, :meth:`ActiveTurn.close`
-waits for the engine's asynchronous memory update and appends the new STM as the next version
-with a compare-and-set.
+be written, before the client hears ``[DONE]``; after the response, the turn's own task
+(:meth:`TurnService.finish`) waits for the engine's asynchronous memory update and appends the
+new STM as the next version with a compare-and-set.
 
 Ordering guarantees:
 
@@ -57,7 +57,6 @@ _WAIT = object()  # "another process is committing what this needs: ask again sh
 class NewConversation:
     system: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    conversation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -370,7 +369,7 @@ class TurnService:
         """The conversation whose lock the turn takes (creating a new one)."""
         start, owner = spec.start, spec.owner
         if isinstance(start, NewConversation):
-            return self._create(owner, start.system, start.metadata, start.conversation_id)
+            return self._create(owner, start.system, start.metadata)
         if isinstance(start, FromConversation):
             if self.store.get_conversation(owner, start.conversation_id) is None:
                 if not start.create:

@@ -213,7 +213,6 @@ class StateStore(ABC):
     def get_turn(self, owner: str, conversation_id: str, version: int) -> dict | None:
         """One version's turn dict without its state (cheap), or None if missing or pruned."""
 
-    @abstractmethod
     def bind(
         self, owner: str, key: str, conversation_id: str, version: int, *, pending: bool = False
     ) -> None:
@@ -221,7 +220,9 @@ class StateStore(ABC):
         ``pending`` the version may also be the next one, ``latest + 1``, not yet appended; a
         reader must then check that the version, once there, is the one it was bound for
         (another writer may have won the compare-and-set)."""
+        self.bind_many(owner, [key], conversation_id, version, pending=pending)
 
+    @abstractmethod
     def bind_many(
         self,
         owner: str,
@@ -232,8 +233,6 @@ class StateStore(ABC):
         pending: bool = False,
     ) -> None:
         """:meth:`bind` every key of ``keys`` to the same version, in one write."""
-        for key in keys:
-            self.bind(owner, key, conversation_id, version, pending=pending)
 
     def lookup(self, owner: str, key: str) -> tuple[str, int] | None:
         """(conversation_id, version) for an alias whose version is stored, or None if unbound,

@@ -305,11 +305,6 @@ class RedisStore(StateStore):
 
     # -- aliases ----------------------------------------------------------------------------
 
-    def bind(
-        self, owner: str, key: str, conversation_id: str, version: int, *, pending: bool = False
-    ) -> None:
-        self.bind_many(owner, [key], conversation_id, version, pending=pending)
-
     def bind_many(
         self,
         owner: str,
