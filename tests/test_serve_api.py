@@ -594,3 +594,20 @@ def test_serve_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("rxt serve: error:") and expected in err, err
         assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_idle_conversations_expire(model, tmp_path):
+    """With a TTL the server drops idle conversations itself (SQLite has no expiry)."""
+    settings = ServerSettings(
+        model_name=MODEL_NAME, store_url=str(tmp_path / "ttl.db"), ttl_seconds=0.5
+    )
+    with LiveServer(model, settings) as live:
+        client = openai.OpenAI(api_key="x", base_url=live.base_url + "/v1", max_retries=0)
+        r = client.responses.create(model=MODEL_NAME, input="short-lived", max_output_tokens=2)
+        conversation = wait_lookup(live, r.id)[0]
+        deadline = time.monotonic() + 20
+        while live.store.get_conversation(OWNER, conversation) is not None:
+            assert time.monotonic() < deadline, "never purged"
+            time.sleep(0.05)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(r.id)

@@ -168,8 +168,8 @@ class TurnStream:
     def on_event(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on an engine thread; keep it short and non-blocking) whenever
         a token or the end of the answer is queued, when the memory update has ended, and once
-        now. With :meth:`poll` this lets
-        an event loop consume the stream without a thread per turn."""
+        now. With :meth:`poll` this lets an event loop consume the stream without a thread per
+        turn."""
         self._request.waker = callback
         callback()
 

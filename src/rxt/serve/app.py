@@ -7,6 +7,7 @@ authentication, the body-size limit, metrics and the error handlers together.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -61,9 +62,11 @@ def create_app(
         # generations, so collections during serving scan only per-request garbage.
         gc.collect()
         gc.freeze()
+        purging = asyncio.create_task(_purge_loop(service, settings.ttl_seconds))
         try:
             yield
         finally:
+            purging.cancel()
             await service.drain()
             engine.close()
             service.close()
@@ -120,6 +123,23 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+async def _purge_loop(service: TurnService, ttl_seconds: float | None) -> None:
+    """Drop conversations idle longer than the TTL, every tenth of it (at most every minute).
+    Redis expires keys by itself; SQLite needs this."""
+    if ttl_seconds is None:
+        return
+    interval = min(ttl_seconds / 10, 60.0)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            dropped = await service.run(service.store.purge)
+        except Exception:  # a failing store must not end the loop: try again next time
+            log.exception("purging idle conversations failed")
+            continue
+        if dropped:
+            log.info("dropped %d conversations idle for over %.0f s", dropped, ttl_seconds)
 
 
 async def owner(request: Request) -> str:

@@ -207,6 +207,10 @@ class ActiveTurn:
         ready = self._ready
 
         def wake() -> None:  # engine thread: must never raise into the decoder
+            # Already set: the loop has not polled since, and will see this event too (it is
+            # queued before this check) — skip the cross-thread call, one syscall per token.
+            if ready.is_set():
+                return
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(ready.set)
 
