@@ -1,7 +1,9 @@
-"""Serving support: per-conversation state kept on the server between requests.
+"""Serving: ``rxt serve``, an OpenAI-compatible server keeping each conversation's STM.
 
-:mod:`rxt.serve.store` holds a versioned store of conversation states (serialised STMs) with
-compare-and-set appends, checksummed reads and owner isolation, backed by SQLite or Redis.
+:func:`rxt.serve.app.create_app` builds the FastAPI app (routes in ``routes_*``, turns in
+:mod:`rxt.serve.service`). :mod:`rxt.serve.store` holds a versioned store of conversation states
+(serialised STMs) with compare-and-set appends, checksummed reads and owner isolation, backed by
+SQLite or Redis. See ``docs/serving.md``.
 """
 
 from rxt.serve.store import (
