@@ -21,7 +21,13 @@ from rxt.engine import Engine
 from rxt.engine.state import stm_from_bytes, stm_to_bytes
 from rxt.serve.auth import DEV_OWNER, KeyRing, digest
 from rxt.serve.settings import Limits, ServerSettings
-from serve_support import CONVERSATION_HEADER, MODEL_NAME, LiveServer, small_model
+from serve_support import (
+    CONVERSATION_HEADER,
+    MODEL_NAME,
+    LiveServer,
+    save_small_model,
+    small_model,
+)
 
 OWNER = DEV_OWNER
 GREEDY = {"temperature": 0, "max_tokens": 6}
@@ -588,12 +594,26 @@ def test_serve_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
         (["serve", str(tmp_path), "--store", "ftp://x"], "unsupported state store URL"),
         (["serve", str(tmp_path), "--api-keys", str(tmp_path / "none.txt")], "API keys file"),
         (["serve", str(tmp_path), "--store", store, "--max-messages", "0"], "max_messages"),
+        (["serve", str(tmp_path), "--data-dir", str(tmp_path / "blocker" / "x")], "--data-dir"),
     ]
+    (tmp_path / "blocker").write_text("a file, not a directory")
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("rxt serve: error:") and expected in err, err
         assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_serve_keeps_its_default_store_in_the_data_dir(tmp_path, monkeypatch):
+    from rxt.cli import build_parser
+    from rxt.serve.cli import build_app
+
+    model_dir = save_small_model(tmp_path / "model")
+    monkeypatch.delenv("RXT_DATA_DIR", raising=False)
+    args = build_parser().parse_args(["serve", str(model_dir), "--data-dir", str(tmp_path / "d")])
+    app = build_app(args)
+    assert app.state.settings.store_url == str(tmp_path / "d" / "state.db")
+    assert app.state.settings.model_name == "model"  # the directory's name
 
 
 def test_idle_conversations_expire(model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 
@@ -14,8 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         metavar="URL",
-        help="state store: a SQLite file path or sqlite:///path (default ./rxt-state.db), or "
-        "redis://host:port/db to share conversations between server processes",
+        help="state store: a SQLite file path or sqlite:///path (default DATA_DIR/state.db), "
+        "or redis://host:port/db to share conversations between server processes",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("RXT_DATA_DIR", "rxt-data"),
+        help="where the default SQLite store lives (created if missing; default $RXT_DATA_DIR "
+        "or ./rxt-data)",
     )
     parser.add_argument(
         "--api-keys",
@@ -56,7 +63,7 @@ def build_app(args: argparse.Namespace):
     )
     settings = ServerSettings(
         model_name=args.model_name or Path(args.model_dir).resolve().name,
-        store_url=args.store or "rxt-state.db",
+        store_url=args.store or str(_data_dir(args.data_dir) / "state.db"),
         ttl_seconds=args.ttl,
         keep_versions=args.keep_versions,
         max_batch_size=args.max_batch_size,
@@ -70,6 +77,15 @@ def build_app(args: argparse.Namespace):
     except Exception as exc:
         raise ValueError(f"--store {settings.store_url}: {exc}") from exc
     return create_app(load_text_model(args.model_dir, args.device), settings, keys)
+
+
+def _data_dir(path: str) -> Path:
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--data-dir {path}: {exc.strerror or exc}") from exc
+    return directory
 
 
 def run_server(args: argparse.Namespace) -> int:
