@@ -114,7 +114,10 @@ def test_chat_transcripts_continue_the_stored_memory_like_the_engine(server, cli
         reply = completion.choices[0].message.content
         replies.append(reply)
         messages.append({"role": "assistant", "content": reply})
-        assert completion.usage.completion_tokens == 6
+        # A random model may end at EOS early; "length" exactly when it ran to max_tokens.
+        finish = completion.choices[0].finish_reason
+        tokens = completion.usage.completion_tokens
+        assert 1 <= tokens <= 6 and (finish == "length") <= (tokens == 6)
     wait_version(server, conversation, len(QUERIES))
     direct = engine.conversation(state=initial_state(server, conversation))
     assert [direct.ask(q, max_new_tokens=6).text for q in QUERIES] == replies
@@ -136,8 +139,10 @@ def test_chat_streaming_sends_deltas_then_done(server, client):
     chunks = list(raw.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finals = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finals[-1] == "length" and all(f is None for f in finals[:-1])
-    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].choices == []
+    assert finals[-1] in ("length", "stop") and all(f is None for f in finals[:-1])
+    tokens = chunks[-1].usage.completion_tokens
+    assert tokens <= 6 and (finals[-1] == "length") <= (tokens == 6)
+    assert chunks[-1].choices == []
     assert chunks[0].choices[0].delta.role == "assistant"
     cid = raw.headers[CONVERSATION_HEADER]
     wait_version(server, cid, 1)
@@ -213,8 +218,10 @@ def test_responses_chain_by_previous_response_id_and_fork(server, client, engine
         temperature=0,
         max_output_tokens=6,
     )
-    assert r2.previous_response_id == r1.id and r2.status == "incomplete"  # hit max tokens
-    assert r2.usage.output_tokens == 6
+    assert r2.previous_response_id == r1.id
+    # "incomplete" only when the answer ran to max_output_tokens (a random model may hit EOS)
+    assert r2.status in ("completed", "incomplete") and r2.usage.output_tokens <= 6
+    assert (r2.status == "incomplete") <= (r2.usage.output_tokens == 6)
     cid, version = server.store.lookup(OWNER, "resp:" + r1.id) or wait_lookup(server, r1.id)
     wait_lookup(server, r2.id)
     direct = engine.conversation(state=initial_state(server, cid))
