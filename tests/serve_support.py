@@ -75,6 +75,21 @@ def wait_healthy(base_url: str, timeout: float = 60.0, process: subprocess.Popen
     raise TimeoutError(f"{base_url} not healthy after {timeout} s")
 
 
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each server-sent event in a response body."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        name, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        if data:
+            events.append((name, "\n".join(data)))
+    return events
+
+
 class LiveServer:
     """``create_app(model, settings, keys)`` under uvicorn on a free loopback port, in a thread."""
 

@@ -38,7 +38,13 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from rxt.serve.settings import Limits, ServerSettings  # noqa: E402
-from serve_support import CONVERSATION_HEADER, MODEL_NAME, LiveServer, small_model  # noqa: E402
+from serve_support import (  # noqa: E402
+    CONVERSATION_HEADER,
+    MODEL_NAME,
+    LiveServer,
+    small_model,
+    sse_events,
+)
 
 EXAMPLES_PER_OPERATION = 30
 MAX_OUTPUT_TOKENS = 8  # this server's cap on an answer: fuzzed turns stay cheap
@@ -111,21 +117,6 @@ def assert_error_object(body: Any) -> None:
     assert isinstance(error["type"], str) and error["type"], error
     assert error["param"] is None or isinstance(error["param"], str), error
     assert error["code"] is None or isinstance(error["code"], str), error
-
-
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    """(event name, data) of each server-sent event."""
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        name, data = None, []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
 
 
 def assert_complete_stream(path: str, text: str) -> None:

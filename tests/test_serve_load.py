@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from rxt.serve.settings import ServerSettings
-from serve_support import CONVERSATION_HEADER, MODEL_NAME, LiveServer, small_model
+from serve_support import CONVERSATION_HEADER, MODEL_NAME, LiveServer, small_model, sse_events
 
 OWNER = "local"  # the one owner of a server without API keys
 CONVERSATIONS = 64
@@ -66,20 +66,6 @@ class Answer:
     text: str
     headers: httpx.Headers
     body: dict[str, Any]  # the completion / response object (the final one when streamed)
-
-
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        name, data = None, []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
 
 
 async def post(
