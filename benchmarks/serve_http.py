@@ -201,59 +201,63 @@ async def _events(response: httpx.Response):
         yield json.loads(data)
 
 
-async def stream_chat(client: httpx.AsyncClient, body: dict) -> dict[str, Any]:
-    """One streamed chat completion: caller-side timings, text, token counts, conversation."""
+def _chat_event(event: dict, out: dict[str, Any]) -> str | None:
+    """Record a chat-completion chunk in ``out``; return its text delta."""
+    if "error" in event:
+        raise StreamError(f"error event: {event['error']}")
+    text = None
+    for choice in event.get("choices") or []:
+        text = (choice.get("delta") or {}).get("content") or text
+        if choice.get("finish_reason"):
+            out["finish_reason"] = choice["finish_reason"]
+    if event.get("usage"):
+        out["completion_tokens"] = event["usage"]["completion_tokens"]
+        out["prompt_tokens"] = event["usage"]["prompt_tokens"]
+    return text
+
+
+def _response_event(event: dict, out: dict[str, Any]) -> str | None:
+    """Record a ``/v1/responses`` stream event in ``out``; return its text delta."""
+    kind = event.get("type")
+    if kind == "error":
+        raise StreamError(f"error event: {event}")
+    if kind in ("response.completed", "response.incomplete"):
+        final = event["response"]
+        out["response_id"] = final["id"]
+        usage = final.get("usage") or {}
+        out["completion_tokens"] = usage.get("output_tokens")
+        out["prompt_tokens"] = usage.get("input_tokens")
+        out["finish_reason"] = final.get("status")
+    return event.get("delta") if kind == "response.output_text.delta" else None
+
+
+async def _stream(client: httpx.AsyncClient, path: str, body: dict, on_event) -> dict[str, Any]:
+    """One streamed call: caller-side timings, text, token counts, conversation."""
     out: dict[str, Any] = {"ttft_s": None, "completion_tokens": None, "prompt_tokens": None}
     pieces: list[str] = []
     start = time.perf_counter()
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", path, json=body) as response:
         out["headers_s"] = time.perf_counter() - start
         out["conversation_id"] = response.headers.get(CONVERSATION_HEADER)
         async for event in _events(response):
-            if "error" in event:
-                raise StreamError(f"error event: {event['error']}")
-            for choice in event.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    if out["ttft_s"] is None:
-                        out["ttft_s"] = time.perf_counter() - start
-                    pieces.append(text)
-                if choice.get("finish_reason"):
-                    out["finish_reason"] = choice["finish_reason"]
-            if event.get("usage"):
-                out["completion_tokens"] = event["usage"]["completion_tokens"]
-                out["prompt_tokens"] = event["usage"]["prompt_tokens"]
+            text = on_event(event, out)
+            if text:
+                if out["ttft_s"] is None:
+                    out["ttft_s"] = time.perf_counter() - start
+                pieces.append(text)
     out["reply_s"] = time.perf_counter() - start
     out["text"] = "".join(pieces)
     return out
+
+
+async def stream_chat(client: httpx.AsyncClient, body: dict) -> dict[str, Any]:
+    """One streamed chat completion (see :func:`_stream`)."""
+    return await _stream(client, "/v1/chat/completions", body, _chat_event)
 
 
 async def stream_response(client: httpx.AsyncClient, body: dict) -> dict[str, Any]:
     """One streamed ``/v1/responses`` call, as :func:`stream_chat`; adds ``response_id``."""
-    out: dict[str, Any] = {"ttft_s": None, "completion_tokens": None, "prompt_tokens": None}
-    pieces: list[str] = []
-    start = time.perf_counter()
-    async with client.stream("POST", "/v1/responses", json=body) as response:
-        out["headers_s"] = time.perf_counter() - start
-        out["conversation_id"] = response.headers.get(CONVERSATION_HEADER)
-        async for event in _events(response):
-            kind = event.get("type")
-            if kind == "response.output_text.delta" and event.get("delta"):
-                if out["ttft_s"] is None:
-                    out["ttft_s"] = time.perf_counter() - start
-                pieces.append(event["delta"])
-            elif kind == "error":
-                raise StreamError(f"error event: {event}")
-            elif kind in ("response.completed", "response.incomplete"):
-                final = event["response"]
-                out["response_id"] = final["id"]
-                usage = final.get("usage") or {}
-                out["completion_tokens"] = usage.get("output_tokens")
-                out["prompt_tokens"] = usage.get("input_tokens")
-                out["finish_reason"] = final.get("status")
-    out["reply_s"] = time.perf_counter() - start
-    out["text"] = "".join(pieces)
-    return out
+    return await _stream(client, "/v1/responses", body, _response_event)
 
 
 def chat_body(messages: list[dict], answer_tokens: int, **extra: Any) -> dict:

@@ -155,6 +155,7 @@ class ActiveTurn:
         self._started_at = started_at
         self._first_at: float | None = None
         self._keys: list[str] = []
+        self._result: TurnResult | None = None
         self.turn = stream.turn
         self._queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._pump())
@@ -179,7 +180,10 @@ class ActiveTurn:
             self.stream.cancel()
 
     def result(self) -> TurnResult:
-        return self.stream.result()
+        """The finished turn (call once the answer has ended); built once, then reused."""
+        if self._result is None:
+            self._result = self.stream.result()
+        return self._result
 
     async def _pump(self) -> None:
         """Runs as a task of its own, so the turn is sealed, committed and its conversation
@@ -300,12 +304,12 @@ class TurnService:
         sampling = self._sampling(spec)  # bad limits fail before any state is touched
         if isinstance(spec.start, FromKey):
             await self._local_commit(owner, spec.start.key)
-        cid = await self._until_ready(self._target, spec)
+        cid, version = await self._until_ready(self._target, spec)
         await self.locks.acquire((owner, cid))
         try:
             # Under the lock no turn of this process is in flight on ``cid``; another
             # process's may be: _prepare waits for its commit before reading the latest.
-            prepared = await self._until_ready(self._prepare, spec, cid)
+            prepared = await self._until_ready(self._prepare, spec, cid, version)
         except BaseException:
             self.locks.release((owner, cid))
             raise
@@ -369,20 +373,22 @@ class TurnService:
             wanted = min(wanted, cap)
         return spec.sampling.replace(max_new_tokens=wanted)
 
-    def _target(self, spec: TurnSpec, patient: bool) -> str | object:
-        """The conversation whose lock the turn takes (creating a new one)."""
+    def _target(self, spec: TurnSpec, patient: bool) -> tuple[str, int | None] | object:
+        """The conversation whose lock the turn takes (creating a new one), and for a key the
+        version it names (None: the latest)."""
         start, owner = spec.start, spec.owner
         if isinstance(start, NewConversation):
-            return self._create(owner, start.system, start.metadata)
+            return self._create(owner, start.system, start.metadata), None
         if isinstance(start, FromConversation):
             if self.store.get_conversation(owner, start.conversation_id) is None:
                 if not start.create:
                     raise not_found("conversation", start.conversation_id, "conversation")
                 with contextlib.suppress(StoreConflict):  # a concurrent request created it
                     self._create(owner, start.system, {}, start.conversation_id)
-            return start.conversation_id
-        found = self._resolve(owner, start, patient)
-        return found if found is _WAIT else found[0]
+            return start.conversation_id, None
+        # A version _resolve returns holds this key's turn for good (versions never change),
+        # so the locked part need not read the binding again.
+        return self._resolve(owner, start, patient)
 
     def _create(
         self,
@@ -460,7 +466,7 @@ class TurnService:
             and time.time() - found.bound_at <= self.settings.commit_wait_s
         )
 
-    def _prepare(self, spec: TurnSpec, cid: str, patient: bool) -> Any:
+    def _prepare(self, spec: TurnSpec, cid: str, version: int | None, patient: bool) -> Any:
         """(Runs under the conversation's lock, in a worker thread.) Load the state the turn
         continues from — forking if it is not the latest — and replay earlier turns."""
         owner, start = spec.owner, spec.start
@@ -472,15 +478,7 @@ class TurnService:
         if info is None:
             raise not_found("conversation", cid, "conversation")
         meta = info.metadata
-        base = info.latest_version
-        if isinstance(start, FromKey):
-            found = self.store.binding(owner, start.key)
-            if found is None or not found.committed or found.conversation_id != cid:
-                raise not_found(start.what, start.ident, start.param)
-            base = found.version
-            turn = self.store.get_turn(owner, cid, base)
-            if turn is None or start.key not in turn.get("keys", ()):
-                raise not_found(start.what, start.ident, start.param)
+        base = info.latest_version if version is None else version
         system = meta.get("system")
         if spec.system is not None and spec.system != (system or ""):
             raise bad_request(

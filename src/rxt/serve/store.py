@@ -222,7 +222,6 @@ class StateStore(ABC):
         (another writer may have won the compare-and-set)."""
         self.bind_many(owner, [key], conversation_id, version, pending=pending)
 
-    @abstractmethod
     def bind_many(
         self,
         owner: str,
@@ -233,6 +232,16 @@ class StateStore(ABC):
         pending: bool = False,
     ) -> None:
         """:meth:`bind` every key of ``keys`` to the same version, in one write."""
+        for key in keys:
+            check_id("key", key)
+        check_version("version", version, 1)
+        self._bind_many(owner, keys, conversation_id, version, pending)
+
+    @abstractmethod
+    def _bind_many(
+        self, owner: str, keys: list[str], conversation_id: str, version: int, pending: bool
+    ) -> None:
+        """The backend's write of :meth:`bind_many`, its arguments already checked."""
 
     def lookup(self, owner: str, key: str) -> tuple[str, int] | None:
         """(conversation_id, version) for an alias whose version is stored, or None if unbound,

@@ -305,18 +305,9 @@ class RedisStore(StateStore):
 
     # -- aliases ----------------------------------------------------------------------------
 
-    def bind_many(
-        self,
-        owner: str,
-        keys: list[str],
-        conversation_id: str,
-        version: int,
-        *,
-        pending: bool = False,
+    def _bind_many(
+        self, owner: str, keys: list[str], conversation_id: str, version: int, pending: bool
     ) -> None:
-        for key in keys:
-            check_id("key", key)
-        check_version("version", version, 1)
         args = [version, conversation_id, self._ttl, int(pending), repr(time.time())]
         pipe = self.redis.pipeline(transaction=False)  # one round trip for every key
         for key in keys:

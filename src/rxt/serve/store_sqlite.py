@@ -274,18 +274,9 @@ class SQLiteStore(StateStore):
 
     # -- aliases ----------------------------------------------------------------------------
 
-    def bind_many(
-        self,
-        owner: str,
-        keys: list[str],
-        conversation_id: str,
-        version: int,
-        *,
-        pending: bool = False,
+    def _bind_many(
+        self, owner: str, keys: list[str], conversation_id: str, version: int, pending: bool
     ) -> None:
-        for key in keys:
-            check_id("key", key)
-        check_version("version", version, 1)
         db = self._db()
         if pending:
             # A pending binding is a hint that a commit is coming, worth no fsync: lost in an
