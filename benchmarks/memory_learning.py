@@ -4,10 +4,12 @@
         --joint 300 --sft 200 --memory 150 --warmup 300 --smat 2000
 
 Data: probe dialogues of 2..9 turns (facts asked 1..8 turns later) mixed 1:1 with two-turn
-dialogues; a tokenizer trained on them; the ``tiny`` preset. Each ``--STAGE N`` trains that stage
+dialogues, none of them in the test split (:func:`build_data`); a tokenizer trained on them; the
+``tiny`` preset. Each ``--STAGE N`` trains that stage
 for N steps (0 skips it): ``--warmup`` is SMAT on the two-turn dialogues only, then ``--smat`` on
 the mix. Prints one JSON line: per-stage seconds and last log entry, and recall by distance with
-memory on and off on 300 held-out dialogues. One CPU thread; the docs quote its figures.
+memory on and off on 300 held-out dialogues, with what the wrong answers were
+(:mod:`rxt.eval.errors`). One CPU thread; the docs quote its figures.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 import torch
 
 from rxt.config import RxTConfig
-from rxt.data.probes import ProbeConfig, generate, generate_splits
+from rxt.data.dialogue import Dialogue
+from rxt.data.probes import ProbeConfig, generate, generate_splits, without_overlap
+from rxt.eval.errors import recall_errors
 from rxt.eval.recall import evaluate_dialogues
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer
@@ -38,15 +42,13 @@ def main() -> None:
     for stage in ("joint", "sft", "memory", "warmup", "smat"):
         p.add_argument(f"--{stage}", type=int, default=0, metavar="STEPS")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--save", metavar="DIR", help="save the trained model (and tokenizer) here")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    config = ProbeConfig(max_turns=9, max_distance=8)
-    splits = generate_splits({"train": 20000, "test": 300}, seed=0, config=config)
-    two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
-    short = generate(20000, seed=1, config=two_turn)
+    train_dialogues, short, test = build_data()
     texts = [
-        t for d in splits["train"][:5000] for turn in d.turns for t in (turn.query, turn.answer)
+        t for d in train_dialogues[:5000] for turn in d.turns for t in (turn.query, turn.answer)
     ]
     tok = RxTTokenizer.train(texts, vocab_size=args.vocab)
     model_config = RxTConfig.preset(
@@ -67,28 +69,45 @@ def main() -> None:
         last = train(model, stage, config, f"{args.out}/{name}", progress=False)
         stages[name] = {"seconds": round(time.perf_counter() - start), "last": last}
 
-    pool = splits["train"][:8000]
+    pool = train_dialogues[:8000]
     text = text_sequences(
         [t for d in pool for turn in d.turns for t in (turn.query, turn.answer)], tok, 128
     )
     run(JointStage(text, tok, JointConfig()), args.joint, "joint")
     sft = interaction_sequences(pool, tok, 128)
     run(JointStage(sft, tok, JointConfig(answer_only=True), name="sft"), args.sft, "sft")
-    mix = splits["train"] + short
+    mix = train_dialogues + short
     run(MemoryPretrainStage(mix, tok, MemoryPretrainConfig()), args.memory, "memory")
     run(SmatStage(short, tok, SmatConfig(batch_size=16)), args.warmup, "warmup")
     smat = SmatConfig(batch_size=16, gradient_horizon=args.horizon)
     run(SmatStage(mix, tok, smat), args.smat, "smat")
 
+    if args.save:
+        model.save_pretrained(args.save)
     result = {}
     for memory in ("on", "off"):
-        r = evaluate_dialogues(model, tok, splits["test"], memory=memory)
+        r = evaluate_dialogues(model, tok, test, memory=memory, replies=memory == "on")
         result[memory] = {
             "recall": round(r.recall, 3),
             "chance": round(r.chance, 3),
             "by_distance": {k: round(v, 2) for k, v in r.recall_by_distance.items()},
         }
+        if r.replies is not None:
+            result[memory]["errors"] = recall_errors(test, r.replies, tok)
     print(json.dumps({"args": vars(args), "stages": stages, "eval": result}))
+
+
+def build_data(
+    seed: int = 0, train: int = 20000, short: int = 20000, test: int = 300
+) -> tuple[list[Dialogue], list[Dialogue], list[Dialogue]]:
+    """``(train, short, test)``: probe dialogues of 2..9 turns split into train and test, and
+    two-turn dialogues (a fact, its question) with every dialogue of the test split removed
+    (the short dialogues are drawn from another stream, which repeats a few test dialogues)."""
+    config = ProbeConfig(max_turns=9, max_distance=8)
+    splits = generate_splits({"train": train, "test": test}, seed=seed, config=config)
+    two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
+    two_turn_dialogues = generate(short, seed=seed + 1, config=two_turn)
+    return splits["train"], without_overlap(two_turn_dialogues, splits["test"]), splits["test"]
 
 
 if __name__ == "__main__":

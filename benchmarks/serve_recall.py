@@ -7,10 +7,11 @@ directory) and plays every dialogue of ``--data`` through ``/v1/chat/completions
 ordinary client does: the whole transcript resent each turn, the server's own replies appended
 (free-running, greedy), ``--concurrency`` dialogues at once so the engine batches them. Then the
 same dialogues run on ``rxt.engine`` directly from the same STM_0 (each conversation's seed is in
-the store). Prints the recall of the probe turns (the reply, stripped of spaces and a final
-full stop, equals the expected value, case-insensitively) both ways and how many replies are
-identical. Free-running recall is stricter than ``rxt eval``'s teacher-forced recall: the model
-reads its own earlier replies, not the gold ones.
+the store). Prints the recall of the probe turns both ways, by ``rxt eval``'s rule
+(:func:`rxt.eval.recall.exact_match`: the stripped reply equals the value exactly, case and
+punctuation included), and how many replies are identical. Free-running recall is stricter
+than ``rxt eval``'s teacher-forced recall: the model reads its own earlier replies, not the
+gold ones.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import uvicorn
 
 from rxt.engine import Engine
 from rxt.engine.state import stm_to_bytes
+from rxt.eval.recall import exact_match
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.serve.app import create_app
 from rxt.serve.auth import DEV_OWNER
@@ -40,16 +42,12 @@ from rxt.serve.settings import ServerSettings
 HEADER = "X-RxT-Conversation-Id"
 
 
-def normalise(text: str) -> str:
-    return text.strip().rstrip(".").strip().lower()
-
-
 def recall(dialogues: list[dict], replies: list[list[str]]) -> tuple[int, int]:
     hits = total = 0
     for dialogue, said in zip(dialogues, replies, strict=True):
         for probe in dialogue["probes"]:
             total += 1
-            hits += normalise(said[probe["turn"]]) == normalise(probe["answer"])
+            hits += exact_match(said[probe["turn"]], probe["answer"])
     return hits, total
 
 

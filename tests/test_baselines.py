@@ -41,6 +41,8 @@ from rxt.tokenizer import RxTTokenizer
 from rxt.training.loop import TrainConfig, train
 from rxt.training.smat import SmatConfig, SmatStage
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 SHORT = probes.ProbeConfig(max_turns=5, max_distance=3)
 CODES = ("red", "blue", "green", "gold", "pink", "grey", "teal", "navy")
 

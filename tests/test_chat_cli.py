@@ -18,6 +18,8 @@ from rxt.demo import synthetic_corpus
 from rxt.engine import Engine
 from rxt.tokenizer import RxTTokenizer
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 TIMEOUT = 60  # seconds per subprocess; the engine's own waits below take 10
 SEED, MAX_NEW = 0, 8
 

@@ -16,6 +16,8 @@ import rxt.checkpoint as checkpoint
 from rxt import ReactiveTransformer, RxTConfig, RxTTokenizer
 from rxt.checkpoint import CheckpointError
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
     "a reactive transformer answers from its short-term memory",

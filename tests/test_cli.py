@@ -38,6 +38,14 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert {r["system"] for r in report["latency"]} == {"rxt", "stateless"}
     for name in ("report.md", "recall_vs_distance.png", "latency_vs_turn.png", "recipe.yaml"):
         assert (tmp_path / name).stat().st_size > 0
+    # The recall baselines and the latency baseline are different models; both are labelled.
+    labels = report["baselines"]
+    assert set(labels) == {"stateless-full", "stateless-current", "latency"}
+    assert "random weights" in labels["latency"] and "trained" in labels["stateless-full"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert all(label in markdown for label in labels.values())
+    # rxt eval's entries say what the wrong recall answers were.
+    assert systems["rxt"]["errors"]["probes"] == sum(systems["rxt"]["probes_by_distance"].values())
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
     assert model.tokenizer is not None
     assert "report:" in capsys.readouterr().out

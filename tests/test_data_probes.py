@@ -23,6 +23,7 @@ from rxt.data.probes import (
     generate,
     generate_splits,
     value_pool,
+    without_overlap,
 )
 
 # sha256 of the JSON of generate(20, seed=0): pins the output across runs, platforms and Python
@@ -227,3 +228,15 @@ def test_bad_sizes_are_rejected():
     )
     with pytest.raises(ValueError, match="cannot find"):  # only 720 distinct dialogues exist
         generate_splits({"train": 5000, "test": 100}, seed=0, config=tiny)
+
+
+def test_without_overlap_drops_exactly_the_held_out_dialogues():
+    config = ProbeConfig(min_turns=2, max_turns=2, max_distance=1, facts_per_dialogue=(1, 1))
+    test = generate(200, seed=0, config=config, split="test")
+    other = generate(2000, seed=0, config=config, split="train")
+    kept = without_overlap(other, test)
+    held_out = {tuple(d.turns) for d in test}
+    dropped = [d for d in other if tuple(d.turns) in held_out]
+    assert dropped  # collisions are likely in this small config space
+    assert kept == [d for d in other if tuple(d.turns) not in held_out]
+    assert without_overlap(other, []) == other

@@ -1,6 +1,7 @@
 """Documentation stays true: README code runs, and the package map names every module."""
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def test_architecture_package_map_names_every_module():
 @pytest.mark.parametrize("name", ["make demo", "make test"])
 def test_readme_names_the_two_setup_commands(name):
     assert name in (ROOT / "README.md").read_text()
+
+
+def test_all_extra_installs_every_user_extra():
+    """``pip install ".[all]"`` is documented as everything a user runs: it must name every
+    extra except the test suite's, so a new extra cannot be forgotten there."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    (spec,) = extras["all"]
+    named = set(re.fullmatch(r"rxt\[(.*)\]", spec).group(1).split(","))
+    assert named == set(extras) - {"all", "test"}
+    assert 'pip install -e ".[all]"' in (ROOT / "README.md").read_text()

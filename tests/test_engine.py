@@ -39,6 +39,8 @@ from rxt.engine.rows import RowPool
 from rxt.generation import greedy_answer
 from rxt.tokenizer import RxTTokenizer
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 TIMEOUT = 10.0  # seconds, for every blocking call
 WATCHDOG = 60.0  # a test that runs longer than this is hung: dump stacks and abort
 

@@ -31,6 +31,8 @@ from rxt.engine.sampling import SamplingParams
 from rxt.model.cache import KVCache
 from rxt.tokenizer import RxTTokenizer
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 TIMEOUT = 10.0  # seconds, for every blocking call
 WATCHDOG = 60.0  # a test still running after this is hung: dump stacks and abort
 ATOL = 1e-5  # float32: fused and module path differ only in summation order

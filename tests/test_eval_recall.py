@@ -18,6 +18,8 @@ from rxt.eval.recall import RecallReport, donor, evaluate_dialogues
 from rxt.generation import greedy_answer, greedy_batch
 from rxt.tokenizer import RxTTokenizer
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 MODES = ("on", "off", "swapped")
 
 

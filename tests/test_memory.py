@@ -17,6 +17,8 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.config import MemoryConfig
 from rxt.memory import ResidualGate, StmInitializer
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 VARIANTS = ["simple", "self", "interlayer", "gated-self-interlayer"]
 ATOL = RTOL = 1e-5  # float32, different but equivalent computation paths
 FIRST_TEXT_ID = 8  # ids 0..7 are the special tokens

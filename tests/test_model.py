@@ -28,6 +28,8 @@ from rxt.model.decoder import DecodeContext
 from rxt.model.feedforward import MoEFeedForward
 from rxt.model.rope import RotaryEmbedding
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 ATOL = 1e-5  # float32, results of different kernels / summation orders
 RTOL = 1e-5
 DIFFERENT = 1e-3  # "clearly different": max |Δlogit| at least this (logits are O(1))

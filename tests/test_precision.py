@@ -4,10 +4,19 @@ The half-precision tests run on the CPU everywhere (CI included) and again on CU
 is present; the CPU-vs-CUDA comparison needs a GPU and is skipped otherwise.
 """
 
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
 import pytest
 import torch
 
 from rxt import ReactiveTransformer, RxTConfig
+from rxt.model.feedforward import MoEFeedForward
+
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DENSE_NANO = {"decoder": {"moe": None}}
@@ -20,8 +29,9 @@ def _model(preset: str, device: str, dtype: torch.dtype, **overrides) -> Reactiv
 
 
 def _cached_and_full(model: ReactiveTransformer, device: str):
-    ids = torch.randint(8, model.config.vocab_size, (3, 24), device=device)
-    stm = model.initial_stm(3)
+    g = torch.Generator().manual_seed(1)  # the same ids and STM_0 on every call
+    ids = torch.randint(8, model.config.vocab_size, (3, 24), generator=g).to(device)
+    stm = model.initial_stm(3, generator=g)
     with torch.no_grad():
         full = model.decode(ids, stm).float()
         memory = model.memory_kv(stm)
@@ -48,18 +58,104 @@ def test_half_precision_cached_decoding_matches_full(device, dtype, preset, over
     assert (cached - full).abs().max().item() < 0.05 * scale
 
 
+class _Routing:
+    """Records every MoE layer's expert choices per position, or pins them to given ones.
+
+    Inside ``with _Routing(model, pinned) as routing:`` each decoder MoE layer's ``_route`` is
+    wrapped. ``routing.chosen(B)`` is then ``(layers, B, T, k)``: the sorted experts each
+    position went to, calls stitched along T (a prefill of w tokens covers w positions, a
+    cached step one). With ``pinned`` (such a tensor), each position is sent to the pinned
+    experts instead, weighted by this path's own router logits, as the module weights them."""
+
+    def __init__(self, model: ReactiveTransformer, pinned: torch.Tensor | None = None) -> None:
+        self.layers = [layer.ffn for layer in model.decoder.layers]
+        assert all(isinstance(ffn, MoEFeedForward) for ffn in self.layers)
+        self.pinned = pinned
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.layers]
+
+    def __enter__(self) -> _Routing:
+        for i, moe in enumerate(self.layers):
+            moe._route = functools.partial(self._route, i, moe._route)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for moe in self.layers:
+            del moe._route  # back to the class's method
+
+    def _route(self, i: int, route, flat: torch.Tensor):
+        logits, top_idx, top_w = route(flat)
+        if self.pinned is not None:
+            b = self.pinned.shape[1]
+            start = sum(c.shape[0] for c in self.calls[i]) // b
+            width = flat.shape[0] // b
+            top_idx = self.pinned[i, :, start : start + width].reshape(-1, top_idx.shape[-1])
+            top_w = logits.gather(-1, top_idx).softmax(dim=-1).to(flat.dtype)
+        self.calls[i].append(top_idx)
+        return logits, top_idx, top_w
+
+    def chosen(self, batch: int) -> torch.Tensor:
+        per_layer = [
+            torch.cat([c.reshape(batch, -1, c.shape[-1]) for c in calls], dim=1)
+            for calls in self.calls
+        ]
+        return torch.stack(per_layer).sort(dim=-1).values
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_moe_decoding_differs_only_where_routing_flips(device, dtype):
-    """In half precision a near-tied router can pick another expert on one path: that token's
-    logits then differ by O(1), and so may later tokens that attend to it. Such flips must stay
-    rare; everywhere else the paths agree as a dense model does."""
+def test_half_precision_moe_decoding_matches_full_under_the_same_routing(device, dtype):
+    """With every token sent to the experts the full pass chose, cached MoE decoding agrees
+    with the full pass as a dense model does, at every position: the paths differ only in
+    rounding, and only a routing flip (next test) can make them differ more."""
     model = _model("paper-nano", device, dtype)
-    cached, full = _cached_and_full(model, device)
+    with _Routing(model) as full_routing:
+        cached, full = _cached_and_full(model, device)
+    # _cached_and_full runs the full pass first: positions 0..23, then the cached pass's.
+    pinned = full_routing.chosen(3)[:, :, :24].repeat(1, 1, 2, 1)
+    with _Routing(model, pinned) as pinned_routing:
+        cached, _ = _cached_and_full(model, device)
+    assert torch.equal(pinned_routing.chosen(3), pinned)
+    assert torch.isfinite(cached).all()
     scale = max(full.abs().max().item(), 1.0)
-    per_position = (cached - full).abs().amax(dim=-1)  # (B, T)
-    assert (per_position < 0.05 * scale).float().mean() >= 0.75
-    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+    assert (cached - full).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_moe_decoding_differs_only_downstream_of_routing_flips(device, dtype):
+    """In half precision a near-tied router can pick another expert on one path: that token's
+    logits then differ by O(1), and so may later tokens of its row, which attend to it. Flips
+    are counted from the routers themselves; every position not downstream of one must agree
+    as a dense model does. How many flips occur depends on the CPU's kernels, not on rxt."""
+    model = _model("paper-nano", device, dtype)
+    with _Routing(model) as routing:
+        cached, full = _cached_and_full(model, device)
+    chosen = routing.chosen(3)  # (layers, 3, 48, k): the full pass, then the cached pass
+    flipped = (chosen[:, :, :24] != chosen[:, :, 24:]).any(-1).any(0)  # (3, 24)
+    downstream = flipped.int().cummax(dim=1).values.bool()
+    scale = max(full.abs().max().item(), 1.0)
+    per_position = (cached - full).abs().amax(dim=-1)  # (3, 24)
+    assert (per_position[~downstream] < 0.05 * scale).all()
+
+
+# PyTorch 2.13's CPU flash attention packs bf16 for AMX when the CPU has AMX, but refuses to
+# when ATEN_CPU_CAPABILITY forces a level below avx512 (training mode, head width 16).
+_VNNI = "pack_vnni2 is only supported when avx512 is supported"
+
+
+@contextlib.contextmanager
+def _pytorch_forced_capability_limit():
+    """Skip, naming the cause, only on PyTorch's own refusal under a forced capability."""
+    try:
+        yield
+    except RuntimeError as err:
+        forced = os.environ.get("ATEN_CPU_CAPABILITY", "")
+        if _VNNI not in str(err) or forced not in ("default", "avx2"):
+            raise
+        pytest.skip(
+            f"PyTorch limitation, not rxt's: bf16 SDPA raises {_VNNI!r} on this AMX CPU "
+            f"under ATEN_CPU_CAPABILITY={forced}; the test runs without the forced capability"
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -68,7 +164,8 @@ def test_bfloat16_training_step_is_finite(device, preset):
     model = _model(preset, device, torch.bfloat16).train()
     ids = torch.randint(8, model.config.vocab_size, (2, 32), device=device)
     stm = model.initial_stm(2)
-    out = model.decoder_forward(ids, model.update_memory(stm, ids))
+    with _pytorch_forced_capability_limit():
+        out = model.decoder_forward(ids, model.update_memory(stm, ids))
     loss = torch.nn.functional.cross_entropy(
         out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten()
     )

@@ -19,6 +19,8 @@ from rxt.engine.sampling import (
     processed_logits,
 )
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 EOS = 3
 
 

@@ -29,6 +29,8 @@ from serve_support import (
     small_model,
 )
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 OWNER = DEV_OWNER
 GREEDY = {"temperature": 0, "max_tokens": 6}
 

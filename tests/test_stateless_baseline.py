@@ -23,6 +23,8 @@ from rxt.bench.stateless import (
     timed_generate,
 )
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 PRESETS = ("tiny", "small", "paper-nano")
 
 

@@ -29,6 +29,8 @@ from rxt.training import loop
 from rxt.training.loop import CheckpointMismatch, TrainConfig, train
 from rxt.training.smat import ALL_MODULES, SmatConfig, SmatStage
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 VOCAB = 464
 SHORT = probes.ProbeConfig(max_turns=4, max_distance=3)
 # Decoder (and the tied embedding) only for two steps, then everything and the MLM head: frozen

@@ -5,6 +5,8 @@ import torch
 
 from rxt import ConfigError, ReactiveTransformer, RxTConfig
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 
 def _pair(dropout: float, **overrides):
     torch.manual_seed(0)

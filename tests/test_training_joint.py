@@ -23,6 +23,8 @@ from rxt.training.joint import (
 )
 from rxt.training.loop import TrainConfig, train
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 VOCAB = 464
 SHORT = probes.ProbeConfig(max_turns=5, max_distance=3)
 NUM_SPECIAL = len(SPECIAL_TOKENS)

@@ -24,6 +24,8 @@ from rxt.training.memory_pretrain import (
 )
 from rxt.training.smat import initial_stm
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 VOCAB = 464
 SHORT = probes.ProbeConfig(max_turns=5, max_distance=3)
 QUIET = {"jitter": 0.0, "input_noise": 0.0, "target_noise": 0.0}

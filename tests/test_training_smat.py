@@ -21,6 +21,8 @@ from rxt.training.smat import (
     smat_forward,
 )
 
+pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
+
 SHORT = probes.ProbeConfig(max_turns=5, max_distance=3)
 
 

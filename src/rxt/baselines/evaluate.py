@@ -31,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from rxt.baselines.data import Mode, check_mode, reply_prompts, scored_rows
 from rxt.data.dialogue import Dialogue
-from rxt.eval.recall import RecallReport, check_eval_args
+from rxt.eval.recall import RecallReport, check_eval_args, exact_match
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
 __all__ = ["evaluate_stateless", "greedy_replies"]
@@ -192,9 +192,8 @@ def evaluate_stateless(
         text = texts[i, t] = _reply_text(tokenizer, answer_ids)
         for probe in dialogues[i].probes:
             if probe.turn == t:
-                hits[probe.distance] = hits.get(probe.distance, 0) + int(
-                    text == probe.answer.strip()
-                )
+                hit = int(exact_match(text, probe.answer))
+                hits[probe.distance] = hits.get(probe.distance, 0) + hit
                 probes[probe.distance] = probes.get(probe.distance, 0) + 1
                 chance += probe.chance
 

@@ -38,6 +38,7 @@ __all__ = [
     "generate",
     "generate_splits",
     "value_pool",
+    "without_overlap",
 ]
 
 GENERATOR_META = {"generator": "rxt.probes", "version": 1}
@@ -357,6 +358,13 @@ def generate(
         raise ValueError(f"n: must be >= 0, got {n}")
     stream = _stream(seed, split, config)
     return [next(stream) for _ in range(n)]
+
+
+def without_overlap(dialogues: Iterable[Dialogue], held_out: Iterable[Dialogue]) -> list[Dialogue]:
+    """``dialogues`` minus every one whose turns equal a ``held_out`` dialogue's (the rule of
+    :func:`generate_splits`): training data drawn apart from a test split stays disjoint."""
+    keys = {_key(d) for d in held_out}
+    return [d for d in dialogues if _key(d) not in keys]
 
 
 def generate_splits(

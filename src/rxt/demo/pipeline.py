@@ -19,8 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rxt.data.dialogue import Dialogue, write_dialogues
-from rxt.data.probes import ProbeConfig, chance_level, generate, generate_splits
+from rxt.data.dialogue import write_dialogues
+from rxt.data.probes import (
+    ProbeConfig,
+    chance_level,
+    generate,
+    generate_splits,
+    without_overlap,
+)
 from rxt.demo.jobs import Task, run_tasks
 from rxt.demo.plan import DemoPlan, data_files, jobs, recipe
 from rxt.demo.report import write_report
@@ -31,10 +37,6 @@ SHAKESPEARE_TEST_PLAYS = ("hamlet", "tempest")
 SHAKESPEARE_VALID_PLAYS = ("twelfth_night",)
 
 
-def _turn_key(dialogue: Dialogue) -> tuple[tuple[str, str], ...]:
-    return tuple((t.query, t.answer) for t in dialogue.turns)
-
-
 def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     """Write the demo's JSONL files; returns counts and what was left out."""
     config = ProbeConfig(max_turns=plan.max_turns, max_distance=plan.max_turns - 1)
@@ -43,12 +45,10 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     )
     # Two-turn dialogues (a fact, its question), disjoint from the test split.
     two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
-    test_keys = {_turn_key(d) for d in splits["test"]}
-    warmup = [
-        d
-        for d in generate(plan.warmup_dialogues, seed=seed, config=two_turn, split="warmup")
-        if _turn_key(d) not in test_keys
-    ]
+    warmup = without_overlap(
+        generate(plan.warmup_dialogues, seed=seed, config=two_turn, split="warmup"),
+        splits["test"],
+    )
     info: dict[str, Any] = {
         "probe_config": {"max_turns": config.max_turns, "max_distance": config.max_distance},
         "chance": chance_level(config),

@@ -128,6 +128,30 @@ def _parameters(runs: Path) -> dict[str, Any]:
     return counts
 
 
+def _baselines(runs: Path, parameters: dict[str, Any]) -> dict[str, str]:
+    """What each stateless baseline in the report is: the recall table's trained,
+    parameter-matched models and the latency section's untrained one differ in depth."""
+    labels: dict[str, str] = {}
+    for name in ("stateless-full", "stateless-current"):
+        path = runs / name / "model" / "config.json"
+        if path.is_file():
+            c = _read(path)
+            labels[name] = (
+                f"transformers Llama, {c['num_hidden_layers']} layers, d {c['hidden_size']}, "
+                f"{parameters.get(name, 0):,} parameters (RxT at inference: "
+                f"{parameters.get('rxt', {}).get('inference', 0):,}), trained on the same dialogues"
+            )
+    path = runs / "smat" / "model" / "config.json"
+    if path.is_file():
+        c = _read(path)
+        labels["latency"] = (
+            f"transformers Llama of the RxT decoder's size ({c['num_layers']} layers, d "
+            f"{c['d_model']}, no memory cross-attention), random weights: timing only, not the "
+            "recall baselines"
+        )
+    return labels
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
@@ -169,6 +193,10 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {_fmt(e['recall'], 3)} | "
             f"{_fmt(e['perplexity'])} | {_fmt(e['accuracy'])} | {_fmt(reward, 2)} |"
         )
+    baselines = report.get("baselines", {})
+    for name in ("stateless-full", "stateless-current"):
+        if name in baselines:
+            lines += ["", f"`{name}-*`: {baselines[name]}."]
     lines += [
         "",
         "Probes per distance: "
@@ -191,6 +219,8 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | `{json.dumps(t['measured'])}` | {met} |")
     lines += ["", "## Latency per turn (trained RxT vs a stateless transformers model)", ""]
     lat = report["latency_summary"]
+    if "latency" in baselines:
+        lines += [f"The stateless model here: {baselines['latency']}.", ""]
     lines += [
         f"Time to first token, median of turns: first {lat['first_turns']}, last "
         f"{lat['last_turns']} (ms). See `latency_vs_turn.png`.",
@@ -280,13 +310,15 @@ def write_report(
         path = evals / f"shakespeare-{name}.json"
         if path.is_file():
             shakespeare.update(_read(path)["systems"])
+    parameters = _parameters(out / "runs")
     report = {
         "systems": systems,
         "ablations": ablations,
         "shakespeare": shakespeare,
         "targets": check_targets(systems, shakespeare),
         "training": _training(out / "runs", job_times),
-        "parameters": _parameters(out / "runs"),
+        "parameters": parameters,
+        "baselines": _baselines(out / "runs", parameters),
         "latency": latency,
         "latency_summary": _latency_summary(latency),
         "data": data,

@@ -77,9 +77,7 @@ class _FusedLayer:
         moe: MoEFeedForward = self.layer.ffn
         if h.device.type != "cpu":
             return moe.infer(h)
-        logits = F.linear(h.float(), moe.router.weight.float())  # float32 routing, as the module
-        top_logits, top_idx = logits.topk(moe.top_k, dim=-1)
-        top_w = top_logits.softmax(dim=-1).to(h.dtype)
+        _, top_idx, top_w = moe._route(h)  # the module's own (float32) routing
         by_expert: dict[int, list[tuple[int, int]]] = {}
         for row, experts in enumerate(top_idx.tolist()):
             for slot, e in enumerate(experts):

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from rxt.data.dialogue import Dialogue
+from rxt.eval.errors import recall_errors
 from rxt.eval.recall import RecallReport, evaluate_dialogues
 from rxt.eval.reward import TextEmbedder, dialogue_rewards, reward_summary
+from rxt.tokenizer import RxTTokenizer
 
 __all__ = ["SYSTEM_NAMES", "evaluate_model_dir", "system_entry"]
 
@@ -35,9 +37,15 @@ SYSTEM_NAMES = {
 }
 
 
-def system_entry(report: RecallReport, dialogues: Sequence[Dialogue], seconds: float) -> dict:
-    """One system's JSON entry: the recall report (distance keys as str, NaN as null) and the
-    composite reward of its replies."""
+def system_entry(
+    report: RecallReport,
+    dialogues: Sequence[Dialogue],
+    seconds: float,
+    tokenizer: RxTTokenizer | None = None,
+) -> dict:
+    """One system's JSON entry: the recall report (distance keys as str, NaN as null), the
+    composite reward of its replies, and (with a tokenizer) what its wrong recall answers were
+    (:func:`rxt.eval.errors.recall_errors`)."""
     entry: dict[str, Any] = {
         "recall_by_distance": {str(k): v for k, v in report.recall_by_distance.items()},
         "probes_by_distance": {str(k): v for k, v in report.probes_by_distance.items()},
@@ -50,6 +58,8 @@ def system_entry(report: RecallReport, dialogues: Sequence[Dialogue], seconds: f
     if report.replies is not None and any(len(d.turns) > 1 for d in dialogues):
         rewards = dialogue_rewards(dialogues, report.replies, embedder=TextEmbedder())
         entry["reward"] = reward_summary(rewards)
+    if report.replies is not None and tokenizer is not None and any(d.probes for d in dialogues):
+        entry["errors"] = recall_errors(dialogues, report.replies, tokenizer)
     return entry
 
 
@@ -95,7 +105,8 @@ def evaluate_model_dir(
             replies=reward,
         )
         name = SYSTEM_NAMES[model.mode]
-        systems[name] = system_entry(report, dialogues, time.perf_counter() - clock)
+        seconds = time.perf_counter() - clock
+        systems[name] = system_entry(report, dialogues, seconds, tokenizer)
         return systems
 
     from rxt.model.reactive_transformer import ReactiveTransformer
@@ -115,5 +126,6 @@ def evaluate_model_dir(
             seed=seed,
             replies=reward,
         )
-        systems[SYSTEM_NAMES[memory]] = system_entry(report, dialogues, time.perf_counter() - clock)
+        seconds = time.perf_counter() - clock
+        systems[SYSTEM_NAMES[memory]] = system_entry(report, dialogues, seconds, model.tokenizer)
     return systems

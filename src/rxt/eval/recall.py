@@ -46,7 +46,14 @@ from rxt.generation import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import EncodedInteraction, RxTTokenizer, pad_sequences
 
-__all__ = ["MemoryMode", "RecallReport", "check_eval_args", "donor", "evaluate_dialogues"]
+__all__ = [
+    "MemoryMode",
+    "RecallReport",
+    "check_eval_args",
+    "donor",
+    "evaluate_dialogues",
+    "exact_match",
+]
 
 MemoryMode = Literal["on", "off", "swapped"]
 _MODES = ("on", "off", "swapped")
@@ -77,6 +84,12 @@ class RecallReport:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (copies of the per-distance dicts; ``json.dumps`` turns keys into str)."""
         return asdict(self)
+
+
+def exact_match(reply: str, gold: str) -> bool:
+    """The one recall rule: the reply equals the gold answer, both stripped of surrounding
+    whitespace; case and punctuation count."""
+    return reply.strip() == gold.strip()
 
 
 def donor(lengths: Sequence[int], i: int, t: int) -> tuple[int, int]:
@@ -310,7 +323,7 @@ def _evaluate_batch(
                 for probe in dialogues[active[r]].probes:
                     if probe.turn != t:
                         continue
-                    hit = int(text == probe.answer.strip())  # gold stripped too
+                    hit = int(exact_match(text, probe.answer))
                     totals.hits[probe.distance] = totals.hits.get(probe.distance, 0) + hit
                     totals.probes[probe.distance] = totals.probes.get(probe.distance, 0) + 1
                     totals.chance += probe.chance

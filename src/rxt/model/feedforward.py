@@ -59,11 +59,7 @@ class MoEFeedForward(nn.Module):
     def _route_and_mix(self, x: torch.Tensor):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        # Routing in float32: in bf16 the rounding of near-tied router logits alone would flip
-        # expert choices between otherwise equal computations (e.g. cached vs full decoding).
-        logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
-        top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
-        top_w = top_logits.softmax(dim=-1).to(x.dtype)
+        logits, top_idx, top_w = self._route(flat)
         threshold = self.gather_threshold
         if threshold is None:
             threshold = 0 if flat.device.type == "cpu" else 16
@@ -72,6 +68,15 @@ class MoEFeedForward(nn.Module):
         else:
             out = self._dispatched(flat, top_idx, top_w)
         return out.view(shape), logits, top_idx
+
+    def _route(self, flat: torch.Tensor):
+        """``flat: (N, d)`` → router logits ``(N, E)``, chosen experts ``(N, k)`` and their
+        mixing weights ``(N, k)``. One method so tests can record or pin the routing."""
+        # Routing in float32: in bf16 the rounding of near-tied router logits alone would flip
+        # expert choices between otherwise equal computations (e.g. cached vs full decoding).
+        logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
+        return logits, top_idx, top_logits.softmax(dim=-1).to(flat.dtype)
 
     # Decoding feeds one token per conversation. On an accelerator, gathering each token's k
     # experts' weights avoids a host sync; longer inputs, and any input on a CPU (where a host

@@ -19,11 +19,15 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------- chat completions
-def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+# No input token is ever served from a cache, nor written to one: the history lives in the STM,
+# which is not a token cache, and every token of the new message is read afresh. Hence 0.
+def chat_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
@@ -79,13 +83,27 @@ def chat_chunk(
 
 # ------------------------------------------------------------------------------- responses
 def output_message(msg_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    """The answer as an output item: ``in_progress`` (no content yet, as first streamed),
+    ``completed``, or ``incomplete`` (cut at ``max_output_tokens``, its text kept)."""
     content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {
         "id": msg_id,
         "type": "message",
         "status": status,
         "role": "assistant",
-        "content": content if status == "completed" else [],
+        "content": [] if status == "in_progress" else content,
+    }
+
+
+def response_usage(usage: dict[str, int]) -> dict[str, Any]:
+    """A turn's ``{input_tokens, output_tokens}`` as the Responses API's usage object."""
+    return {
+        "input_tokens": usage["input_tokens"],
+        # Both 0, as in chat_usage: nothing is read from or written to a prompt cache.
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": usage["output_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["input_tokens"] + usage["output_tokens"],
     }
 
 
@@ -108,7 +126,8 @@ def response_object(
     max_output_tokens: int | None,
 ) -> dict[str, Any]:
     incomplete = status == "completed" and finish == "length"
-    obj: dict[str, Any] = {
+    item_status = "incomplete" if incomplete else "completed"
+    return {
         "id": rid,
         "object": "response",
         "created_at": created,
@@ -118,11 +137,11 @@ def response_object(
         "instructions": instructions,
         "max_output_tokens": max_output_tokens,
         "model": model,
-        "output": [] if text is None else [output_message("msg_" + rid[5:], text)],
+        "output": [] if text is None else [output_message("msg_" + rid[5:], text, item_status)],
         "parallel_tool_calls": False,
         "previous_response_id": previous_response_id,
         "conversation": {"id": conversation_id} if conversation_id else None,
-        "store": store,
+        "store": store,  # OpenAI sends it, though the openai package's type does not declare it
         "temperature": temperature,
         "top_p": top_p,
         "tool_choice": "none",
@@ -130,17 +149,8 @@ def response_object(
         "text": {"format": {"type": "text"}},
         "truncation": "disabled",
         "metadata": metadata or {},
-        "usage": None,
+        "usage": None if usage is None else response_usage(usage),
     }
-    if usage is not None:
-        obj["usage"] = {
-            "input_tokens": usage["input_tokens"],
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage["output_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage["input_tokens"] + usage["output_tokens"],
-        }
-    return obj
 
 
 def message_item(item_id: str, role: str, text: str) -> dict[str, Any]:

@@ -186,12 +186,11 @@ async def _events(turn: ActiveTurn, rid: str, view):
             yield event("error", code=exc.code, message=exc.message, param=exc.param)
             return
         text = "".join(pieces)
+        final = view("completed", text)
         yield event("response.output_text.done", **where, text=text, logprobs=[])
         yield event("response.content_part.done", **where, part={**part, "text": text})
-        yield event(
-            "response.output_item.done", output_index=0, item=fmt.output_message(msg_id, text)
-        )
-        final = view("completed", text)
+        # The item as the final response holds it (``incomplete`` if cut at the limit).
+        yield event("response.output_item.done", output_index=0, item=final["output"][0])
         yield event(f"response.{final['status']}", response=final)
     finally:
         turn.abandon()
@@ -210,7 +209,7 @@ async def delete_response(response_id: str, request: Request):
     owner = request.state.owner
     await _stored_turn(service, owner, response_id)  # 404 if it is not there
     await service.run(service.store.unbind, owner, RESPONSE_KEY + response_id)
-    return {"id": response_id, "object": "response.deleted", "deleted": True}
+    return {"id": response_id, "object": "response", "deleted": True}  # as OpenAI answers
 
 
 async def _stored_turn(service: TurnService, owner: str, response_id: str) -> dict[str, Any]:
