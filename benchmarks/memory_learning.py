@@ -42,19 +42,25 @@ def main() -> None:
     for stage in ("joint", "sft", "memory", "warmup", "smat"):
         p.add_argument(f"--{stage}", type=int, default=0, metavar="STEPS")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--gate-projection", choices=("linear", "elementwise"), default="linear")
+    p.add_argument("--gate-reference", choices=("previous", "pre_step"), default="previous")
+    p.add_argument("--seed", type=int, default=0, help="data, initialisation and training")
     p.add_argument("--save", metavar="DIR", help="save the trained model (and tokenizer) here")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    train_dialogues, short, test = build_data()
+    train_dialogues, short, test = build_data(seed=args.seed)
     texts = [
         t for d in train_dialogues[:5000] for turn in d.turns for t in (turn.query, turn.answer)
     ]
     tok = RxTTokenizer.train(texts, vocab_size=args.vocab)
-    model_config = RxTConfig.preset(
-        "tiny", vocab_size=tok.vocab_size, memory={"variant": args.variant}
-    )
-    torch.manual_seed(0)
+    memory = {
+        "variant": args.variant,
+        "gate_projection": args.gate_projection,
+        "gate_reference": args.gate_reference,
+    }
+    model_config = RxTConfig.preset("tiny", vocab_size=tok.vocab_size, memory=memory)
+    torch.manual_seed(args.seed)
     model = ReactiveTransformer(model_config)
     model.tokenizer = tok
     stages: dict[str, object] = {}
@@ -64,7 +70,7 @@ def main() -> None:
             return
         start = time.perf_counter()
         config = TrainConfig(
-            steps=steps, lr=args.lr, warmup_steps=min(50, steps // 5), log_every=50
+            steps=steps, lr=args.lr, warmup_steps=min(50, steps // 5), log_every=50, seed=args.seed
         )
         last = train(model, stage, config, f"{args.out}/{name}", progress=False)
         stages[name] = {"seconds": round(time.perf_counter() - start), "last": last}
@@ -73,14 +79,16 @@ def main() -> None:
     text = text_sequences(
         [t for d in pool for turn in d.turns for t in (turn.query, turn.answer)], tok, 128
     )
-    run(JointStage(text, tok, JointConfig()), args.joint, "joint")
+    seed = args.seed  # every stage's data order
+    run(JointStage(text, tok, JointConfig(), seed=seed), args.joint, "joint")
     sft = interaction_sequences(pool, tok, 128)
-    run(JointStage(sft, tok, JointConfig(answer_only=True), name="sft"), args.sft, "sft")
+    sft_stage = JointStage(sft, tok, JointConfig(answer_only=True), seed=seed, name="sft")
+    run(sft_stage, args.sft, "sft")
     mix = train_dialogues + short
-    run(MemoryPretrainStage(mix, tok, MemoryPretrainConfig()), args.memory, "memory")
-    run(SmatStage(short, tok, SmatConfig(batch_size=16)), args.warmup, "warmup")
+    run(MemoryPretrainStage(mix, tok, MemoryPretrainConfig(), seed=seed), args.memory, "memory")
+    run(SmatStage(short, tok, SmatConfig(batch_size=16), seed=seed), args.warmup, "warmup")
     smat = SmatConfig(batch_size=16, gradient_horizon=args.horizon)
-    run(SmatStage(mix, tok, smat), args.smat, "smat")
+    run(SmatStage(mix, tok, smat, seed=seed), args.smat, "smat")
 
     if args.save:
         model.save_pretrained(args.save)

@@ -93,7 +93,7 @@ def count(config: LlamaConfig, **changes) -> int:
 
 @pytest.mark.parametrize(
     ("preset", "layers", "width", "params"),
-    [("tiny", 7, 120, 379_328), ("small", 13, 372, 4_634_720)],
+    [("tiny", 7, 132, 395_456), ("small", 14, 365, 4_843_360)],
 )
 def test_matched_config_rule_and_counts(preset, layers, width, params):
     config = RxTConfig.preset(preset)

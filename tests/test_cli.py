@@ -8,6 +8,8 @@ import pytest
 
 from rxt import ReactiveTransformer
 from rxt.cli import main
+from rxt.demo.conversation import SCRIPT
+from rxt.demo.report import CONVERSATION_TARGET
 
 
 def test_info_json_reports_every_preset(capsys):
@@ -29,11 +31,15 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     for entry in systems.values():
         assert set(entry) >= {"recall_by_distance", "perplexity", "accuracy", "reward"}
         assert all(0 <= v <= 1 for v in entry["recall_by_distance"].values())
-    assert set(report["ablations"]) == {"ablation-no-memory", "ablation-horizon-1"}
+    assert report["ablations"] == {}  # behind --ablations (test_demo_ablations_flag)
+    assert set(report["long"]) >= {"rxt", "rxt-memory-off", "stateless-full-history"}
+    assert set(report["learning_curves"]) == {"rxt", "stateless-full-history"}
+    assert all(len(points) >= 2 for points in report["learning_curves"].values())
+    assert (tmp_path / "recall_vs_steps.png").stat().st_size > 0
     assert {t["target"] for t in report["targets"]} >= {"RxT recall >= 0.90 at distances 1-2"}
     # Every training stage ran for its planned steps.
     assert all(t["steps"] >= 1 for t in report["training"].values())
-    assert len(report["training"]) == 12
+    assert len(report["training"]) == 9  # RxT's five stages, each baseline's two
     # Latency was measured on the trained model, both systems, every turn.
     assert {r["system"] for r in report["latency"]} == {"rxt", "stateless"}
     for name in ("report.md", "recall_vs_distance.png", "latency_vs_turn.png", "recipe.yaml"):
@@ -44,11 +50,32 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert "random weights" in labels["latency"] and "trained" in labels["stateless-full"]
     markdown = (tmp_path / "report.md").read_text()
     assert all(label in markdown for label in labels.values())
-    # rxt eval's entries say what the wrong recall answers were.
+    # rxt eval's entries say what the wrong recall answers were, and recall by kind.
     assert systems["rxt"]["errors"]["probes"] == sum(systems["rxt"]["probes_by_distance"].values())
+    assert sum(systems["rxt"]["probes_by_kind"].values()) == systems["rxt"]["errors"]["probes"]
+    assert "## Recall (exact match) by fact kind" in markdown
+    assert "## Wrong recall answers" in markdown
+    # The scripted conversation was played, printed and reported (right or not: nothing learnt).
+    conversation = report["conversation"]
+    assert [t["query"] for t in conversation] == [line.query for line in SCRIPT]
+    assert all(isinstance(t["correct"], bool) for t in conversation if t["expected"] is not None)
+    (target,) = [t for t in report["targets"] if t["target"] == CONVERSATION_TARGET]
+    assert target["met"] in (True, False)
+    assert "## A conversation" in markdown
+    assert all(line.query in markdown for line in SCRIPT)
+    out = capsys.readouterr().out
+    assert f"user: {SCRIPT[0].query}" in out and "rxt: " in out
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
     assert model.tokenizer is not None
-    assert "report:" in capsys.readouterr().out
+    assert "report:" in out
+
+
+def test_demo_ablations_flag_adds_the_two_ablations(tmp_path):
+    assert main(["demo", "--quick", "--ablations", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["ablations"]) == {"ablation-no-memory", "ablation-horizon-1"}
+    assert len(report["training"]) == 12 and report["settings"]["ablations"] is True
+    assert "ablation-horizon-1 (gradient horizon 1" in (tmp_path / "report.md").read_text()
 
 
 def test_user_error_is_one_line_not_a_traceback(tmp_path, capsys):
@@ -63,3 +90,28 @@ def test_python_dash_m_rxt():
         [sys.executable, "-m", "rxt", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("rxt ")
+
+
+def test_demo_long_reports_mean_and_spread_over_seeds(tmp_path):
+    """``rxt demo --long --quick``: two seeds of the quick plan, one report over them."""
+    assert main(["demo", "--long", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report-long.json").read_text())
+    assert report["seeds"] == [0, 1]
+    assert set(report["recall"]) == {"rxt", "rxt-memory-off", "stateless-full-history"}
+    for seed in (0, 1):
+        entry = report["per_seed"][str(seed)]["test"]["rxt"]
+        assert (tmp_path / f"seed-{seed}" / "eval" / "rxt.json").is_file()
+        assert entry["recall"] in (report["recall"]["rxt"]["all"]["min"],
+                                   report["recall"]["rxt"]["all"]["max"])  # fmt: skip
+    cell = report["recall"]["rxt"]["all"]
+    assert cell["n"] == 2 and cell["min"] <= cell["mean"] <= cell["max"]
+    # The seeds' data differ (each seed draws its own dialogues).
+    tests = [(tmp_path / f"seed-{s}" / "data" / "probes-test.jsonl").read_text() for s in (0, 1)]
+    assert tests[0] != tests[1]
+    assert {t["target"] for t in report["targets"]} == {
+        "RxT >= 0.90 at every k = 1-8, mean of the seeds",
+        "RxT >= 0.85 at k = 16 and 32, mean of the seeds",
+    }
+    assert "(min–max)" in (tmp_path / "report-long.md").read_text()
+    assert (tmp_path / "recall_vs_distance_seeds.png").stat().st_size > 0
+    assert not list(tmp_path.glob("seed-0/runs/stateless-current*"))

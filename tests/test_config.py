@@ -267,6 +267,16 @@ def test_json_round_trip_non_default_values(tmp_path: Path) -> None:
     assert loaded.decoder.moe == MoEConfig(num_experts=3, top_k=2, aux_loss_weight=0.5)
 
 
+def test_config_written_before_gate_reference_loads_as_it_was_trained(tmp_path: Path) -> None:
+    """rxt 0.1 models gated against the pre-stepped slots; their config.json has no
+    ``gate_reference``, and must not silently take today's default."""
+    data = RxTConfig.preset("tiny").to_dict()
+    del data["memory"]["gate_reference"]
+    _write(tmp_path, json.dumps(data))
+    assert RxTConfig.load(tmp_path).memory.gate_reference == "pre_step"
+    assert RxTConfig.preset("tiny").memory.gate_reference == "previous"  # new models: the paper's
+
+
 def _write(tmp_path: Path, content: str) -> Path:
     path = tmp_path / "config.json"
     path.write_text(content, encoding="utf-8")

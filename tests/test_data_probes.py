@@ -211,6 +211,9 @@ def test_json_round_trip(data, tmp_path):
         ({"kinds": ()}, "kinds"),
         ({"kinds": ("dog_name", "dog_name")}, "kinds"),
         ({"kinds": ("dog_name",), "facts_per_dialogue": (1, 2)}, "facts_per_dialogue"),
+        ({"distances": ()}, "distances"),
+        ({"distances": (1.5,)}, "distances"),
+        ({"distances": (17,)}, "distances"),  # beyond max_distance = 16
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
@@ -240,3 +243,13 @@ def test_without_overlap_drops_exactly_the_held_out_dialogues():
     assert dropped  # collisions are likely in this small config space
     assert kept == [d for d in other if tuple(d.turns) not in held_out]
     assert without_overlap(other, []) == other
+
+
+def test_distances_fix_the_first_facts_distance():
+    config = ProbeConfig(max_turns=36, max_distance=32, distances=(16, 32))
+    dialogues = generate(200, seed=0, config=config, split="test")
+    assert all(any(p.distance in (16, 32) for p in d.probes) for d in dialogues)
+    counts = {k: sum(p.distance == k for d in dialogues for p in d.probes) for k in (16, 32)}
+    assert min(counts.values()) >= 60
+    assert max(len(d.turns) for d in dialogues) <= 36
+    assert generate(20, seed=0) == generate(20, seed=0, config=ProbeConfig(distances=None))

@@ -30,12 +30,18 @@ def test_unknown_dependency_is_refused(tmp_path):
         run_tasks([Task("a", ("info",), after=("nope",))], tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("plan", [DemoPlan(), DemoPlan.quick()])
+@pytest.mark.parametrize(
+    "plan", [DemoPlan(), DemoPlan.quick(), DemoPlan(ablations=True)], ids=["demo", "quick", "abl"]
+)
 def test_plan_jobs_match_the_recipe_and_budgets(plan):
-    data = {"text": ["t"], "interactions": ["i"], "dialogues": ["d"], "warmup": ["w"]}
+    data = {"text": ["t"], "interactions": ["i"], "dialogues": ["d"], "warmup": ["w"],
+            "valid": ["v"]}  # fmt: skip
     stages = recipe(plan, data)["stages"]
     planned = jobs(plan)
-    assert {j.name for j in planned} == set(stages)
+    ablations = {n for n in stages if n.startswith("ablation-")}
+    assert ablations and {j.name for j in planned} == set(stages) - (
+        set() if plan.ablations else ablations
+    )  # the recipe always holds the ablations; they run only when asked for
     for job in planned:
         assert stages[job.name]["train"]["steps"] == job.steps
         start = stages[job.name].get("from")
@@ -48,3 +54,32 @@ def test_plan_jobs_match_the_recipe_and_budgets(plan):
             assert (base["data"], base["train"]) == (rxt["data"], rxt["train"])
     assert stages["ablation-horizon-1"]["train"]["steps"] == stages["smat"]["train"]["steps"]
     assert stages["ablation-horizon-1"]["config"]["gradient_horizon"] == 1
+    # Learning curves for RxT and the full-history baseline, on the same validation dialogues.
+    assert stages["smat"]["eval"] == stages["stateless-full"]["eval"]
+    assert stages["smat"]["eval"] == {"data": ["v"], "every": plan.eval_every}
+
+
+def test_demo_training_files_share_no_dialogue_with_any_held_out_split(tmp_path):
+    """Every file the demo trains on against every split it evaluates on (test, validation,
+    long test): no dialogue in common, by the rule the generator uses (equal turns)."""
+    from rxt.data.dialogue import read_dialogues
+    from rxt.demo.pipeline import build_data
+
+    plan = DemoPlan.quick()
+    build_data(plan, tmp_path, seed=0)
+
+    def keys(name: str) -> set:
+        dialogues = read_dialogues(tmp_path / f"{name}.jsonl")
+        assert dialogues, name
+        return {tuple((t.query, t.answer) for t in d.turns) for d in dialogues}
+
+    held_out = keys("probes-test") | keys("probes-valid") | keys("probes-long-test")
+    for name in ("probes-train", "probes-long-train", "warmup"):
+        assert not keys(name) & held_out, name
+    assert not keys("probes-valid") & keys("probes-test")
+    # The long splits reach the distances they are for.
+    long_test = read_dialogues(tmp_path / "probes-long-test.jsonl")
+    wanted = set(plan.long_test_distances)
+    assert all(wanted & {p.distance for p in d.probes} for d in long_test)
+    long_train = read_dialogues(tmp_path / "probes-long-train.jsonl")
+    assert max(p.distance for d in long_train for p in d.probes) <= plan.long_max_distance

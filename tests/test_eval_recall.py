@@ -96,8 +96,11 @@ def expected_reads(
 
 
 def reference(model, tokenizer, dialogues, mode, max_new_tokens=4):
-    """Straightforward per-turn loop with the library's own greedy_answer."""
+    """Straightforward per-turn loop with the library's own greedy_answer: perplexity, accuracy,
+    recall and recall by kind."""
     nll, correct, tokens, hits, count = 0.0, 0, 0, 0, 0
+    kind_hits: Counter = Counter()
+    kind_count: Counter = Counter()
     with torch.inference_mode():
         for i, t, stm in expected_reads(model, tokenizer, dialogues, mode):
             turn = dialogues[i].turns[t]
@@ -115,9 +118,13 @@ def reference(model, tokenizer, dialogues, mode, max_new_tokens=4):
                     out = greedy_answer(
                         model, prompt, stm, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id
                     )
-                    hits += tokenizer.decode(out).strip() == p.answer
+                    hit = tokenizer.decode(out).strip() == p.answer
+                    hits += hit
                     count += 1
-    return math.exp(nll / tokens), correct / tokens, hits / count
+                    kind_hits[p.kind] += hit
+                    kind_count[p.kind] += 1
+    by_kind = {k: kind_hits[k] / kind_count[k] for k in kind_count}
+    return math.exp(nll / tokens), correct / tokens, hits / count, by_kind
 
 
 def record_generations(monkeypatch) -> Counter:
@@ -140,6 +147,9 @@ def test_report_mechanics(model, tokenizer, dialogues):
     assert list(report.recall_by_distance) == distances
     assert list(report.probes_by_distance) == distances
     assert report.probes_by_distance == dict(Counter(p.distance for p in all_probes))
+    kinds = Counter(p.kind for p in all_probes)
+    assert list(report.probes_by_kind) == sorted(kinds) == list(report.recall_by_kind)
+    assert report.probes_by_kind == dict(kinds)
     assert report.chance == pytest.approx(sum(p.chance for p in all_probes) / len(all_probes))
     assert all(0.0 <= v <= 1.0 for v in report.recall_by_distance.values())
     assert 0.0 <= report.recall <= 1.0 and 0.0 <= report.accuracy <= 1.0
@@ -152,11 +162,12 @@ def test_report_mechanics(model, tokenizer, dialogues):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference_loop(model, tokenizer, dialogues, mode):
-    ppl, acc, rec = reference(model, tokenizer, dialogues, mode)
+    ppl, acc, rec, by_kind = reference(model, tokenizer, dialogues, mode)
     report = run(model, tokenizer, dialogues, memory=mode, batch_size=4)
     assert report.perplexity == pytest.approx(ppl, rel=1e-4)
     assert report.accuracy == pytest.approx(acc)
     assert report.recall == pytest.approx(rec)
+    assert report.recall_by_kind == pytest.approx(by_kind)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -170,6 +181,8 @@ def test_batched_equals_unbatched(model, tokenizer, dialogues, mode, monkeypatch
     assert four.accuracy == pytest.approx(one.accuracy)
     assert four.recall_by_distance == one.recall_by_distance
     assert four.probes_by_distance == one.probes_by_distance
+    assert four.recall_by_kind == one.recall_by_kind
+    assert four.probes_by_kind == one.probes_by_kind
 
 
 def record_updates(model, monkeypatch) -> list[list[int]]:
@@ -297,6 +310,94 @@ def test_exact_match_with_an_oracle(model, tokenizer, dialogues, monkeypatch):
         assert report.recall == 0.0 and set(report.recall_by_distance.values()) == {0.0}
 
 
+# Three kinds, two distances, four probes; answered by QUERY_REPLIES (keyed by query, so the
+# answers do not depend on the order in which a batch size asks them).
+KINDS = (
+    Dialogue(
+        "a",
+        (
+            Turn("My dog is called Rex.", "Noted."),
+            Turn("My favourite colour is red.", "Got it."),
+            Turn("What is my dog called?", "Rex"),
+            Turn("What is my favourite colour?", "red"),
+        ),
+        probes=(
+            Probe(2, 2, 0, "dog_name", "Rex", 1 / 30),
+            Probe(3, 2, 1, "favourite_colour", "red", 1 / 20),
+        ),
+    ),
+    Dialogue(
+        "b",
+        (
+            Turn("I have a dog named Bella.", "Noted."),
+            Turn("What is my dog's name?", "Bella"),
+            Turn("My car is blue.", "Noted."),
+            Turn("What colour is my car?", "blue"),
+        ),
+        probes=(
+            Probe(1, 1, 0, "dog_name", "Bella", 1 / 30),
+            Probe(3, 1, 2, "car_colour", "blue", 1 / 20),
+        ),
+    ),
+)
+QUERY_REPLIES = {
+    "What is my dog called?": "Rex",  # right
+    "What is my favourite colour?": "blue",  # wrong: the car's colour
+    "What is my dog's name?": " Bella ",  # right (whitespace is stripped)
+    "What colour is my car?": "blue",  # right
+}
+# By hand: dog_name 2/2, favourite_colour 0/1, car_colour 1/1; distance 1: 2/2, distance 2: 1/2.
+HAND_COUNT = {
+    "recall_by_kind": {"car_colour": 1.0, "dog_name": 1.0, "favourite_colour": 0.0},
+    "probes_by_kind": {"car_colour": 1, "dog_name": 2, "favourite_colour": 1},
+    "recall_by_distance": {1: 1.0, 2: 0.5},
+    "probes_by_distance": {1: 2, 2: 2},
+    "recall": 0.75,
+}
+
+
+def reply_for(tokenizer, prompt) -> list[int]:
+    """QUERY_REPLIES' answer to the prompt ending in that query's ``[BOS][Q] query [A]``."""
+    for query, reply in QUERY_REPLIES.items():
+        ids = tokenizer.encode_query(query)
+        if list(prompt[-len(ids) :]) == ids:
+            return [*tokenizer.encode(reply), tokenizer.eos_id]
+    raise AssertionError("a prompt the oracle does not know")
+
+
+def by_query(monkeypatch, module, name, tokenizer) -> None:
+    def fake(model, prompts, *args, **kwargs):
+        return [reply_for(tokenizer, p) for p in prompts]
+
+    monkeypatch.setattr(module, name, fake)
+
+
+def hand_counted(report: RecallReport) -> dict:
+    return {k: getattr(report, k) for k in HAND_COUNT}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_recall_by_kind_matches_a_hand_count(model, tokenizer, monkeypatch, batch_size):
+    by_query(monkeypatch, recall, "greedy_batch", tokenizer)
+    report = run(model, tokenizer, KINDS, batch_size=batch_size)
+    assert hand_counted(report) == HAND_COUNT
+
+
+def test_stateless_report_has_the_same_per_kind_fields(tokenizer, monkeypatch):
+    """The baseline's report is built by the same tally: same fields, same hand count."""
+    pytest.importorskip("transformers")
+    import rxt.baselines.evaluate as stateless
+    from rxt.baselines import build_baseline
+    from rxt.bench.stateless import llama_config_for
+
+    config = llama_config_for(RxTConfig.preset("tiny"), max_positions=256)
+    baseline = build_baseline(config, seed=0).eval()
+    by_query(monkeypatch, stateless, "greedy_replies", tokenizer)
+    for mode in ("full", "current"):
+        report = stateless.evaluate_stateless(baseline, tokenizer, KINDS, mode, batch_size=3)
+        assert isinstance(report, RecallReport) and hand_counted(report) == HAND_COUNT
+
+
 def test_probe_counted_once_per_probe_and_generated_once_per_turn(model, tokenizer, monkeypatch):
     turns = (Turn("My dog is called Rex.", "Noted."), Turn("What is my dog's name?", "Rex"))
     twice = (Probe(1, 1, 0, "dog_name", "Rex", 0.5), Probe(1, 1, 0, "dog_alias", "Rex", 0.25))
@@ -305,12 +406,14 @@ def test_probe_counted_once_per_probe_and_generated_once_per_turn(model, tokeniz
     report = run(model, tokenizer, [d])
     assert sum(seen.values()) == 1
     assert report.probes_by_distance == {1: 2} and report.chance == pytest.approx(0.375)
+    assert report.probes_by_kind == {"dog_alias": 1, "dog_name": 1}
 
 
 def test_no_probes_gives_nan_recall(model, tokenizer):
     d = Dialogue("x", (Turn("Hello there.", "Hi."),))
     report = run(model, tokenizer, [d])
     assert report.recall_by_distance == {} and math.isnan(report.recall)
+    assert report.recall_by_kind == {} == report.probes_by_kind
     assert math.isnan(report.chance) and math.isfinite(report.perplexity)
 
 

@@ -518,3 +518,61 @@ def test_encoder_rejects_left_padding():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="right-padded"):
         model.update_memory(model.initial_stm(2), ids, mask)
+
+
+@pytest.mark.parametrize("variant", ["self", "interlayer", "gated-self-interlayer"])
+@pytest.mark.parametrize("reference", ["previous", "pre_step"])
+def test_write_gate_mixes_the_update_with_the_reference(variant: str, reference: str) -> None:
+    """Paper §3: STM_t = (1 − G) ⊙ STM_{t−1} + G ⊙ Update, G from (STM_{t−1} + Update), the
+    pre-step feeding only the write's queries (``gate_reference="previous"``). ``"pre_step"``
+    gates against the pre-stepped slots instead; the two must really differ."""
+    model = _model(variant=variant, gate_reference=reference)
+    _randomize_gates(model, scale=0.3)
+    layer = model.memory_attention.layers[0]
+    gen = torch.Generator().manual_seed(7)
+    stm = torch.randn(2, 2, 32, 64, generator=gen)
+    encoded = torch.randn(2, 2, 9, 64, generator=gen)
+    positions = layer.write.rope.angles(torch.arange(9))
+    with torch.no_grad():
+        out = layer(stm[:, 0], encoded[:, 0], stm.mean(dim=1), None, positions)
+        pre = layer.pre_step(stm[:, 0], stm.mean(dim=1))
+        k, v = layer.write.project_kv(layer.norm_ed(encoded[:, 0]), positions)
+        update = layer.write.attend(layer.write.project_q(layer.norm_q(pre)), k, v)
+        base = stm[:, 0] if reference == "previous" else pre
+        g = layer.gate.gate_values(base, update)
+        other = pre if reference == "previous" else stm[:, 0]
+    torch.testing.assert_close(out, (1 - g) * base + g * update, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, layer.gate(other, update), atol=1e-3)
+
+
+def test_record_gates_sees_every_write_and_leaves_no_hook() -> None:
+    from rxt.memory.gate_stats import record_gates
+
+    model = _model()
+    _randomize_gates(model, scale=0.3)
+    gen = torch.Generator().manual_seed(3)
+    stm = model.initial_stm(3, generator=gen)
+    ids = torch.randint(8, model.config.vocab_size, (3, 12), generator=gen)
+    expected: list[list[torch.Tensor]] = [[] for _ in model.memory_attention.layers]
+    for i, layer in enumerate(model.memory_attention.layers):  # the gate's inputs, by hand
+        layer.gate.register_forward_hook(
+            lambda m, inp, out, i=i: expected[i].append(m.gate_values(*inp).expand_as(inp[0]))
+        )
+    with torch.no_grad(), record_gates(model) as gates:
+        model.update_memory(model.update_memory(stm, ids), ids)
+    stats = gates.quantiles()
+    for i, values in enumerate(expected):
+        g = torch.cat([v.reshape(-1) for v in values])
+        assert len(values) == 2 and stats[i]["mean"] == pytest.approx(float(g.mean()), abs=1e-6)
+        assert stats[i]["p50"] == pytest.approx(float(g.median()), abs=1e-3)
+        assert 0 < stats[i]["p01"] < stats[i]["p50"] < stats[i]["p99"] < 1
+    assert all(
+        not layer.gate._forward_hooks or len(layer.gate._forward_hooks) == 1
+        for layer in model.memory_attention.layers
+    )  # only the test's own hook is left
+    with record_gates(model, rows=1) as first_row:
+        model.update_memory(stm, ids)
+    assert first_row.values[0][0].numel() == model.config.memory.num_slots * 64
+    with record_gates(_model(gate="none")) as none:
+        pass
+    assert none.quantiles() == [{}, {}]

@@ -225,3 +225,46 @@ def test_staged_unfreezing_keeps_frozen_weights_and_optimizer_state(tokenizer, t
 def test_train_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**kwargs)
+
+
+class WeightNorm:
+    """An evaluator that also draws from the global RNG (which the loop must restore)."""
+
+    every = 2
+
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    def __call__(self, m):
+        self.calls.append(m.training)
+        torch.rand(5)
+        return {"norm": float(sum(p.detach().norm() for p in m.parameters()))}
+
+
+def test_evaluator_logs_a_curve_and_changes_no_step(stage, tmp_path):
+    config = TrainConfig(steps=5, warmup_steps=2, log_every=1)
+    plain = model(dropout=0.1)
+    train(plain, stage, config, tmp_path / "plain", progress=False)
+    watched, evaluator = model(dropout=0.1), WeightNorm()
+    train(watched, stage, config, tmp_path / "eval", progress=False, evaluator=evaluator)
+    a, b = plain.state_dict(), watched.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # RNG restored: the same dropout masks
+    assert log_lines(tmp_path / "plain") == log_lines(tmp_path / "eval")
+    curve = [json.loads(x) for x in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [0, 2, 4, 5]  # the start, every 2 steps, the end
+    assert evaluator.calls == [False] * 4 and len({c["norm"] for c in curve}) == 4
+    assert not (tmp_path / "plain" / "eval.jsonl").exists()
+
+
+def test_evaluator_curve_survives_a_resume(stage, tmp_path):
+    config = TrainConfig(steps=6, log_every=1, checkpoint_every=3)
+    with pytest.raises(Crash):
+        train(model(), CrashingStage(stage, at=4), config, tmp_path, progress=False,
+              evaluator=WeightNorm())  # fmt: skip
+    train(model(), stage, config, tmp_path, resume=True, progress=False, evaluator=WeightNorm())
+    curve = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [0, 2, 4, 6]  # step 4 once: truncated past step 3
+    with pytest.raises(ValueError, match=r"evaluator\.every"):
+        bad = WeightNorm()
+        bad.every = 0
+        train(model(), stage, config, tmp_path / "x", progress=False, evaluator=bad)

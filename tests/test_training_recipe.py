@@ -43,9 +43,10 @@ def _recipe(directory: Path, **stages) -> Path:
             "memory": {"data": "train.jsonl", "config": {"batch_size": 4}, "train": _steps(2)},
             "smat": {"data": "train.jsonl", "config": {"batch_size": 4}, "train": _steps(2)},
             "smat-h1": {"kind": "smat", "from": "sft", "data": "train.jsonl",
-                        "config": {"batch_size": 4, "gradient_horizon": 1}, "train": _steps(2)},
+                        "config": {"batch_size": 4, "gradient_horizon": 1}, "train": _steps(2),
+                        "eval": {"data": "test.jsonl", "every": 1, "limit": 5}},
             "stateless-full": {"data": "train.jsonl", "config": {"batch_size": 4},
-                               "train": _steps(2)},
+                               "train": _steps(2), "eval": {"data": "test.jsonl", "every": 2}},
             **stages,
         },
     }  # fmt: skip
@@ -79,6 +80,16 @@ def test_curriculum_chain_writes_each_stage_from_the_previous(trained):
     assert any((sft[k] != memory[k]).any() for k in sft if k.startswith("memory_attention."))
 
 
+def test_recipe_eval_writes_a_learning_curve(trained):
+    """``eval`` in a stage's recipe: recall of the probe dialogues at step 0, every ``every``
+    steps and at the end, for RxT (limited to 5 dialogues) and for a stateless baseline."""
+    for stage, steps in (("smat-h1", [0, 1, 2]), ("stateless-full", [0, 2])):
+        curve = [json.loads(x) for x in (trained / stage / "eval.jsonl").read_text().splitlines()]
+        assert [c["step"] for c in curve] == steps
+        assert all(0 <= c["recall"] <= 1 and c["recall_by_distance"] for c in curve)
+    assert not (trained / "smat" / "eval.jsonl").exists()
+
+
 def test_resume_continues_a_stage(data_dir, trained):
     recipe = _recipe(data_dir, smat={"data": "train.jsonl", "config": {"batch_size": 4},
                                      "train": _steps(3)})  # fmt: skip
@@ -108,6 +119,11 @@ def test_missing_previous_stage_is_a_clear_error(data_dir, tmp_path):
         ("trainer: 1\n", r"unknown top-level key\(s\) \['trainer'\]"),
         ("stages: [1, 2]\n", "stages: expected a mapping"),
         ("model: {preset: tiny\n", "not valid YAML"),
+        ("stages: {smat: {eval: {every: 5}}}\n", "stages.smat.eval.data: the probe dialogues"),
+        ("stages: {smat: {eval: {data: t.jsonl}}}\n", "stages.smat.eval.every: missing"),
+        ("stages: {smat: {eval: {data: t.jsonl, every: 0}}}\n", "eval.every: expected an int"),
+        ("stages: {smat: {eval: {data: t.jsonl, every: 2, at: 1}}}\n", r"eval: unknown key"),
+        ("stages: {joint: {eval: {data: t.jsonl, every: 2}}}\n", "only smat and stateless"),
     ],
 )
 def test_recipe_errors_name_the_file_and_key(tmp_path, body, message):
@@ -161,6 +177,11 @@ def test_cli_train_eval_and_data(trained, data_dir, tmp_path, capsys):
     entry = report["systems"]["rxt"]
     assert set(entry) >= {"recall_by_distance", "perplexity", "accuracy", "reward"}
     assert 0 <= entry["reward"]["mean"] <= 10
+    # G of the memory writes, per layer, with memory on only (memory off writes nothing read).
+    gate = entry["gate"]
+    assert len(gate) == 2 and all(0 < g["p01"] <= g["p50"] <= g["p99"] < 1 for g in gate)
+    assert "gate" not in report["systems"]["rxt-memory-off"]
+    assert "gate G, layer 1: mean" in capsys.readouterr().out
     baseline = tmp_path / "baseline.json"
     args = ["eval", str(trained / "stateless-full" / "model"), "--data", test]
     assert main([*args, "--json", str(baseline), "--no-reward"]) == 0

@@ -50,10 +50,25 @@ def cmd_info(preset: str | None, as_json: bool, query_tokens: int, answer_tokens
     return 0
 
 
-def cmd_demo(out: str, quick: bool, workers: int) -> int:
+def cmd_demo(
+    out: str | None, quick: bool, workers: int, ablations: bool = False, long: bool = False
+) -> int:
     from rxt.demo import run_demo
 
-    run_demo(out, quick=quick, workers=workers)
+    if long:
+        from rxt.demo.long import SEEDS, run_long_demo
+        from rxt.demo.plan import DemoPlan
+
+        if ablations:
+            raise ValueError("--long runs the main comparison only; drop --ablations")
+        run_long_demo(
+            out or "runs/demo-long",
+            workers=0 if quick else workers,
+            plan=DemoPlan.quick() if quick else None,
+            seeds=SEEDS[:2] if quick else SEEDS,
+        )
+        return 0
+    run_demo(out or "runs/demo", quick=quick, workers=workers, ablations=ablations)
     return 0
 
 
@@ -106,9 +121,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Recall by distance, perplexity, accuracy and reward of a saved model on a JSONL file."""
+    """Recall by distance and kind, perplexity, accuracy, reward and the recall errors of a saved
+    model on a JSONL file."""
     from rxt.data.dialogue import read_dialogues
-    from rxt.eval.evaluate import evaluate_model_dir
+    from rxt.eval.evaluate import evaluate_model_dir, summary_lines
 
     _set_threads(args.threads)
     dialogues = read_dialogues(args.data)
@@ -130,13 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "systems": systems,
     }
     for name, entry in systems.items():
-        recall = entry["recall"]
-        reward = entry.get("reward", {}).get("mean")
-        print(
-            f"{name:<24} recall {'-' if recall is None else f'{recall:.3f}'}  "
-            f"ppl {entry['perplexity'] or float('inf'):.3f}  acc {entry['accuracy']:.3f}  "
-            f"reward {'-' if reward is None else f'{reward:.2f}'}"
-        )
+        print("\n".join(summary_lines(name, entry)))
     if args.json:
         from rxt.bench.common import write_json
 
@@ -228,9 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train RxT and the baselines, evaluate, write a report (~20 min, 2 CPUs)"
     )
-    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument(
+        "--out", default=None, help="output directory (runs/demo; with --long runs/demo-long)"
+    )
     demo.add_argument("--quick", action="store_true", help="every step in under a minute")
-    demo.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    demo.add_argument(
+        "--workers", type=int, default=2, help="parallel one-thread training processes"
+    )
+    demo.add_argument(
+        "--long",
+        action="store_true",
+        help="RxT and the full-history baseline, 3000 SMAT steps, 3 seeds (est. 75 min, 2 CPUs)",
+    )
+    demo.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also train the two ablations (no stage 3; gradient horizon 1): ~1.5x the time",
+    )
 
     from rxt import chat
 
@@ -315,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return cmd_info(args.preset, args.json, args.query_tokens, args.answer_tokens)
         if args.command == "demo":
-            return cmd_demo(args.out, args.quick, args.workers)
+            return cmd_demo(args.out, args.quick, args.workers, args.ablations, args.long)
         if args.command == "chat":
             from rxt.chat import run_chat
 

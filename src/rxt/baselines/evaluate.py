@@ -8,7 +8,8 @@ The same dialogues, the same scores, the same :class:`rxt.eval.recall.RecallRepo
 - at a probe's turn, greedy generation (up to ``max_new_tokens``, stopping after ``[EOS]``) from
   the prompt of :func:`rxt.baselines.data.reply_prompts`, ``"full"``: system prompt + gold
   history + ``[BOS][Q] query [A]``; ``"current"``: ``[BOS][Q] query [A]`` only. The decoded,
-  stripped text must equal the stripped ``Probe.answer`` exactly, as in recall.py.
+  stripped text must equal the stripped ``Probe.answer`` exactly, scored and pooled by distance
+  and by kind with recall.py's own :class:`rxt.eval.recall.ProbeTally`.
 
 The context limit is ``model.config.max_position_embeddings`` unless ``max_len`` is given:
 longer histories keep their most recent whole turns (rxt.baselines.data).
@@ -31,7 +32,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from rxt.baselines.data import Mode, check_mode, reply_prompts, scored_rows
 from rxt.data.dialogue import Dialogue
-from rxt.eval.recall import RecallReport, check_eval_args, exact_match
+from rxt.eval.recall import ProbeTally, RecallReport, check_eval_args
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
 __all__ = ["evaluate_stateless", "greedy_replies"]
@@ -184,18 +185,13 @@ def evaluate_stateless(
     finally:
         model.train(was_training)
 
-    hits: dict[int, int] = {}
-    probes: dict[int, int] = {}
-    chance = 0.0
+    tally = ProbeTally()
     texts: dict[tuple[int, int], str] = {}
     for (i, t), answer_ids in zip(asked, answers, strict=True):
         text = texts[i, t] = _reply_text(tokenizer, answer_ids)
         for probe in dialogues[i].probes:
             if probe.turn == t:
-                hit = int(exact_match(text, probe.answer))
-                hits[probe.distance] = hits.get(probe.distance, 0) + hit
-                probes[probe.distance] = probes.get(probe.distance, 0) + 1
-                chance += probe.chance
+                tally.add(probe, text)
 
     # RecallReport exactly as evaluate_dialogues builds it. `replies` is passed only when asked
     # for, so this also runs against a RecallReport without that field.
@@ -204,14 +200,9 @@ def evaluate_stateless(
         extra["replies"] = [
             [texts[i, t] for t in range(len(d.turns))] for i, d in enumerate(dialogues)
         ]
-    count = sum(probes.values())
-    nan = float("nan")
     mean_nll = nll.item() / tokens
     return RecallReport(
-        recall_by_distance={k: hits.get(k, 0) / probes[k] for k in sorted(probes)},
-        probes_by_distance=dict(sorted(probes.items())),
-        recall=sum(hits.values()) / count if count else nan,
-        chance=chance / count if count else nan,
+        **tally.scores(),
         perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf,
         accuracy=correct.item() / tokens,
         **extra,

@@ -203,6 +203,10 @@ class ProbeConfig:
     extra_turns: int = 3  # turns added beyond the first fact's span, so short k stays short
     unasked_fact_rate: float = 0.2  # chance a filler turn states a never-asked fact (interference)
     kinds: tuple[str, ...] | None = None  # None: all of ``fact_kinds()``
+    # The first fact's distance is drawn from these (each <= max_distance) instead of
+    # 1..max_distance: a test split of long distances only (e.g. (16, 32)) has enough probes
+    # at each. Later facts of the dialogue take any distance that fits.
+    distances: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_turns", "max_turns", "max_distance", "extra_turns"):
@@ -214,6 +218,11 @@ class ProbeConfig:
         object.__setattr__(self, "facts_per_dialogue", tuple(fpd))
         if self.kinds is not None:
             object.__setattr__(self, "kinds", tuple(self.kinds))
+        if self.distances is not None:
+            ds = self.distances
+            ok = isinstance(ds, tuple | list) and bool(ds) and all(type(v) is int for v in ds)
+            _require(ok, "distances", f"expected a non-empty list of integers, got {ds!r}")
+            object.__setattr__(self, "distances", tuple(ds))
         kinds = self.active_kinds()
         ok = bool(kinds) and len(set(kinds)) == len(kinds) and all(k in _KINDS for k in kinds)
         _require(ok, "kinds", f"need distinct names from {fact_kinds()}, got {self.kinds!r}")
@@ -236,6 +245,9 @@ class ProbeConfig:
             f"need 1 <= low <= high <= {len(kinds)} (the number of kinds), got {fpd!r}",
         )
         _require(self.extra_turns >= 0, "extra_turns", f"must be >= 0, got {self.extra_turns}")
+        if self.distances is not None:
+            bad = [v for v in self.distances if not 1 <= v <= self.max_distance]
+            _require(not bad, "distances", f"must be in 1..max_distance, got {bad}")
         rate = self.unasked_fact_rate
         ok = type(rate) in (int, float) and 0 <= rate <= 1  # NaN fails the range test
         _require(ok, "unasked_fact_rate", f"must be a number in [0, 1], got {rate!r}")
@@ -281,7 +293,11 @@ def _seed(seed: int, split: str) -> int:
 
 def _layout(rng: random.Random, config: ProbeConfig) -> tuple[int, list[tuple[int, int]]]:
     """Dialogue length and (fact_turn, question_turn) spans; distances are sampled first."""
-    d = rng.randint(1, config.max_distance)
+    d = (
+        rng.randint(1, config.max_distance)
+        if config.distances is None
+        else rng.choice(config.distances)
+    )
     n = min(config.max_turns, max(config.min_turns, d + 1 + rng.randint(0, config.extra_turns)))
     start = rng.randint(0, n - 1 - d)
     spans = [(start, start + d)]

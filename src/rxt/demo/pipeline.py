@@ -9,10 +9,14 @@ Layout of ``OUT`` (``runs/demo`` by default)::
     logs/NAME.log   each job's console output
     rxt/          the trained RxT (`rxt chat OUT/rxt`)
     report.json, report.md, recall_vs_distance.png, latency_vs_turn.png
+
+The run ends with a scripted conversation with the trained RxT (:mod:`rxt.demo.conversation`),
+printed and written into the report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -40,21 +44,42 @@ SHAKESPEARE_VALID_PLAYS = ("twelfth_night",)
 def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     """Write the demo's JSONL files; returns counts and what was left out."""
     config = ProbeConfig(max_turns=plan.max_turns, max_distance=plan.max_turns - 1)
-    splits = generate_splits(
-        {"train": plan.train_dialogues, "test": plan.test_dialogues}, seed=seed, config=config
+    # The validation split (learning curves) comes after the test split, so adding it left the
+    # test split as it was; each later split skips dialogues of the earlier ones.
+    sizes = {"train": plan.train_dialogues, "test": plan.test_dialogues}
+    splits = generate_splits({**sizes, "valid": plan.valid_dialogues}, seed=seed, config=config)
+    held_out = [*splits["test"], *splits["valid"]]
+    # Long dialogues: facts up to long_max_distance turns back, mixed into training; and a test
+    # split asking only at long_test_distances.
+    long = ProbeConfig(
+        max_turns=plan.long_max_distance + 1 + 3,
+        max_distance=plan.long_max_distance,
     )
-    # Two-turn dialogues (a fact, its question), disjoint from the test split.
+    long_test_config = dataclasses.replace(long, distances=plan.long_test_distances)
+    long_test = generate(plan.long_test_dialogues, seed=seed, config=long_test_config, split="long")
+    long_train = without_overlap(
+        generate(plan.long_train_dialogues, seed=seed, config=long, split="long-train"),
+        [*held_out, *long_test],
+    )
+    # Two-turn dialogues (a fact, its question), disjoint from every held-out split.
     two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
     warmup = without_overlap(
         generate(plan.warmup_dialogues, seed=seed, config=two_turn, split="warmup"),
-        splits["test"],
+        [*held_out, *long_test],
     )
+    files = {
+        "probes-train": splits["train"],
+        "probes-test": splits["test"],
+        "probes-valid": splits["valid"],
+        "probes-long-train": long_train,
+        "probes-long-test": long_test,
+        "warmup": warmup,
+    }
     info: dict[str, Any] = {
         "probe_config": {"max_turns": config.max_turns, "max_distance": config.max_distance},
         "chance": chance_level(config),
-        "probes-train": write_dialogues(directory / "probes-train.jsonl", splits["train"]),
-        "probes-test": write_dialogues(directory / "probes-test.jsonl", splits["test"]),
-        "warmup": write_dialogues(directory / "warmup.jsonl", warmup),
+        "long_test_distances": list(plan.long_test_distances),
+        **{name: write_dialogues(directory / f"{name}.jsonl", d) for name, d in files.items()},
     }
     if plan.shakespeare_dialogues == 0:
         info["shakespeare"] = "left out by the plan"
@@ -90,7 +115,7 @@ def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
 
     tokenizer = RxTTokenizer.from_file(out / "runs" / "tokenizer" / "tokenizer.json")
     max_len = RxTConfig.preset(plan.preset).max_seq_len
-    for name in ("probes-test", "shakespeare-test"):
+    for name in ("probes-test", "probes-long-test", "probes-valid", "shakespeare-test"):
         path = out / "data" / f"{name}.jsonl"
         if path.is_file():
             kept, cut = fit_dialogues(read_dialogues(path), tokenizer, max_len)
@@ -99,11 +124,20 @@ def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
                 data[name] = write_dialogues(path, kept)
 
 
-def _tasks(plan: DemoPlan, out: Path, shakespeare: bool) -> list[Task]:
+def _tasks(
+    plan: DemoPlan,
+    out: Path,
+    shakespeare: bool,
+    prefix: str = "",
+    skip: tuple[str, ...] = (),
+) -> list[Task]:
+    """Training and evaluation jobs of one run in ``out``. ``prefix`` names its tasks apart from
+    another run's in the same scheduler (``rxt demo --long``: one run per seed); ``skip``: jobs
+    and evaluations (by system name) to leave out."""
     runs = out / "runs"
     tasks = [
         Task(
-            job.name,
+            prefix + job.name,
             (
                 "train",
                 job.name,
@@ -115,11 +149,12 @@ def _tasks(plan: DemoPlan, out: Path, shakespeare: bool) -> list[Task]:
                 "1",
                 "--no-progress",
             ),
-            after=job.after,
+            after=tuple(prefix + a for a in job.after),
             steps=job.steps,
             log_jsonl=runs / job.name / "log.jsonl",
         )
         for job in jobs(plan)
+        if job.name not in skip
     ]
 
     def evaluate(name: str, model: str, data: str, *extra: str) -> Task:
@@ -134,15 +169,22 @@ def _tasks(plan: DemoPlan, out: Path, shakespeare: bool) -> list[Task]:
             "1",
             *extra,
         )
-        return Task(f"eval-{name}", args, after=(model,))
+        return Task(f"{prefix}eval-{name}", args, after=(prefix + model,))
 
+    long = "probes-long-test.jsonl"
     tasks += [
         evaluate("rxt", "smat", "probes-test.jsonl"),
         evaluate("stateless-full", "stateless-full", "probes-test.jsonl"),
         evaluate("stateless-current", "stateless-current", "probes-test.jsonl"),
-        evaluate("ablation-no-memory", "ablation-no-memory", "probes-test.jsonl", "--memory", "on"),
-        evaluate("ablation-horizon-1", "ablation-horizon-1", "probes-test.jsonl", "--memory", "on"),
+        evaluate("long-rxt", "smat", long, "--memory", "on", "off", "--no-reward"),
+        evaluate("long-stateless-full", "stateless-full", long, "--no-reward"),
+        evaluate("long-stateless-current", "stateless-current", long, "--no-reward"),
     ]
+    if plan.ablations:
+        tasks += [
+            evaluate(name, name, "probes-test.jsonl", "--memory", "on")
+            for name in ("ablation-no-memory", "ablation-horizon-1")
+        ]
     if shakespeare:
         data = "shakespeare-test.jsonl"
         tasks += [
@@ -150,7 +192,8 @@ def _tasks(plan: DemoPlan, out: Path, shakespeare: bool) -> list[Task]:
             evaluate("shakespeare-stateless-full", "stateless-full", data, "--no-reward"),
             evaluate("shakespeare-stateless-current", "stateless-current", data, "--no-reward"),
         ]
-    return tasks
+    skipped = {prefix + name for name in skip}
+    return [t for t in tasks if not (set(t.after) & skipped)]
 
 
 def _latency(plan: DemoPlan, model_dir: Path) -> list[dict[str, Any]]:
@@ -171,6 +214,17 @@ def _latency(plan: DemoPlan, model_dir: Path) -> list[dict[str, Any]]:
     return run_latency(settings)["records"]
 
 
+def _conversation(model_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """Play the scripted conversation with the trained model and print it."""
+    from rxt.demo.conversation import conversation_lines, play_script
+    from rxt.model.reactive_transformer import ReactiveTransformer
+
+    turns = play_script(ReactiveTransformer.from_pretrained(model_dir), seed=seed)
+    for line in conversation_lines(turns):
+        print(f"      {line}")
+    return turns
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
@@ -178,12 +232,16 @@ def run_demo(
     workers: int = 2,
     seed: int = 0,
     progress: bool = True,
+    ablations: bool = False,
 ) -> dict[str, Any]:
+    """The demo (module docstring). ``workers``: training processes of one thread each (two on
+    two cores: one trains the RxT chain, the other the two baselines).
+    ``ablations``: also train and evaluate the two ablations (about 1.5 x the time)."""
     import yaml
 
     from rxt.training.run import run_stage
 
-    plan = DemoPlan.quick() if quick else DemoPlan()
+    plan = dataclasses.replace(DemoPlan.quick() if quick else DemoPlan(), ablations=ablations)
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -191,16 +249,16 @@ def run_demo(
     def step(label: str) -> None:
         print(f"[{label}] {time.perf_counter() - started:6.1f} s", flush=True)
 
-    step("1/6 data: probe dialogues, two-turn warm-up dialogues, Shakespeare")
+    step("1/7 data: probe dialogues, two-turn warm-up dialogues, Shakespeare")
     data = build_data(plan, out / "data", seed)
     shakespeare = "shakespeare-test" in data
     if not shakespeare:
         print(f"      Shakespeare: {data['shakespeare']}")
-    spec = recipe(plan, data_files(out, shakespeare))
+    spec = recipe(plan, data_files(out, shakespeare), seed)
     (out / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     timings["data"] = time.perf_counter() - started
 
-    step("2/6 tokenizer")
+    step("2/7 tokenizer")
     clock = time.perf_counter()
     run_stage("tokenizer", out / "recipe.yaml", out / "runs")
     timings["tokenizer"] = time.perf_counter() - clock
@@ -209,7 +267,7 @@ def run_demo(
     if quick:
         workers = 0  # in this process: start-up costs more than the quick jobs themselves
     where = f"{workers} worker processes" if workers else "in this process"
-    step(f"3/6 training and evaluation ({where}, logs in {out / 'logs'})")
+    step(f"3/7 training and evaluation ({where}, logs in {out / 'logs'})")
     clock = time.perf_counter()
     job_times = run_tasks(
         _tasks(plan, out, shakespeare), out / "logs", workers=workers, progress=progress
@@ -221,15 +279,20 @@ def run_demo(
         shutil.rmtree(rxt_dir)
     shutil.copytree(out / "runs" / "smat" / "model", rxt_dir)
 
-    step("4/6 latency per turn: trained RxT vs a stateless transformers model")
+    step("4/7 latency per turn: trained RxT vs a stateless transformers model")
     clock = time.perf_counter()
     latency = _latency(plan, rxt_dir)
     timings["latency"] = time.perf_counter() - clock
 
-    step("5/6 report")
+    step("5/7 a scripted conversation with the trained RxT")
+    clock = time.perf_counter()
+    conversation = _conversation(rxt_dir, seed)
+    timings["conversation"] = time.perf_counter() - clock
+
+    step("6/7 report")
     timings["total"] = time.perf_counter() - started
-    report = write_report(out, plan, data, job_times, latency, timings)
-    step("6/6 done")
+    report = write_report(out, plan, data, job_times, latency, timings, conversation)
+    step("7/7 done")
     print(report["summary"])
     print(f"report: {out / 'report.md'}; chat with the model: rxt chat {rxt_dir}")
     return report

@@ -9,18 +9,28 @@ match (:func:`rxt.eval.recall.exact_match`) is counted in exactly one class:
 - ``same_pool_in_dialogue``: a value of the right pool said elsewhere in the dialogue (e.g. the
   cat's name for the dog's): a binding error;
 - ``other_pool``: a value of another kind's pool;
-- ``not_a_value``: anything else (several words, a fragment, an empty reply).
+- ``not_a_value``: anything else (several words, a fragment, an empty reply): "malformed" in
+  the summaries of ``rxt eval`` and the demo report.
 
-Also counted over the wrong answers: ``wrong_first_token`` (the reply's first token, re-encoded
-by the tokenizer, differs from the gold answer's), ``within_edit_1`` (character edit distance
-≤ 1 to the gold value), and the mean edit distance to the gold value beside the mean over the
-gold's pool (every other value of the pool): a "near miss" explanation needs the first to be
-clearly below the second.
+Also counted over the wrong answers:
+
+- ``first_wrong_token``: a histogram (``{"0": n, "1": n, ...}``, indices as str) of the index of
+  the first answer token where the reply, re-encoded by the tokenizer (``tokenizer.encode``),
+  differs from the gold answer's tokens; where one is a prefix of the other, the index is the
+  prefix's length (the reply stopped early, or ran on past the gold's end). "0" means the very
+  first answer token was already wrong; ``wrong_first_token`` is that count;
+- ``within_edit_1`` (character edit distance ≤ 1 to the gold value), and the mean edit distance
+  to the gold value beside the mean over the gold's pool (every other value of the pool): a
+  "near miss" explanation needs the first to be clearly below the second.
+
+Per probe kind (``by_kind``, sorted by kind): its ``probes``, its ``wrong`` answers and their
+four class counts, to tell a kind the model never learnt from a general memory failure.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
@@ -30,9 +40,10 @@ from rxt.data.probes import fact_kinds, value_pool
 from rxt.eval.recall import exact_match
 from rxt.tokenizer import RxTTokenizer
 
-__all__ = ["ERROR_CLASSES", "edit_distance", "recall_errors"]
+__all__ = ["ERROR_CLASSES", "edit_distance", "first_difference", "recall_errors"]
 
 ERROR_CLASSES = ("same_pool_absent", "same_pool_in_dialogue", "other_pool", "not_a_value")
+_KIND_FIELDS = ("probes", "wrong", *ERROR_CLASSES)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -44,6 +55,15 @@ def edit_distance(a: str, b: str) -> int:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
         previous = current
     return previous[-1]
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    """The first index where ``a`` and ``b`` differ; the shorter length if one is a prefix of
+    the other (so equal sequences give their length)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # lengths may differ
+        if x != y:
+            return i
+    return min(len(a), len(b))
 
 
 def _occurs(value: str, dialogue: Dialogue) -> bool:
@@ -69,18 +89,25 @@ def recall_errors(
         raise ValueError(f"replies: {len(replies)} dialogues, expected {len(dialogues)}")
     pools = {kind: set(value_pool(kind)) for kind in fact_kinds()}
     counts = dict.fromkeys(ERROR_CLASSES, 0)
-    probes = wrong_first = within_1 = 0
+    by_kind: dict[str, dict[str, int]] = {}
+    first_wrong: Counter[int] = Counter()
+    probes = within_1 = 0
     distances: list[int] = []
     pool_distances: list[float] = []
     for dialogue, dialogue_replies in zip(dialogues, replies, strict=True):
         for probe in dialogue.probes:
             probes += 1
+            kind = by_kind.setdefault(probe.kind, dict.fromkeys(_KIND_FIELDS, 0))
+            kind["probes"] += 1
             reply, gold = dialogue_replies[probe.turn], probe.answer.strip()
             if exact_match(reply, gold):
                 continue
             pool = pools.get(probe.kind, set())
-            counts[_classify(reply, probe.kind, dialogue, pools) if pool else "not_a_value"] += 1
-            wrong_first += tokenizer.encode(reply)[:1] != tokenizer.encode(gold)[:1]
+            error = _classify(reply, probe.kind, dialogue, pools) if pool else "not_a_value"
+            counts[error] += 1
+            kind["wrong"] += 1
+            kind[error] += 1
+            first_wrong[first_difference(tokenizer.encode(reply), tokenizer.encode(gold))] += 1
             distance = edit_distance(reply, gold)
             distances.append(distance)
             within_1 += distance <= 1
@@ -92,8 +119,10 @@ def recall_errors(
         "probes": probes,
         "wrong": wrong,
         **counts,
-        "wrong_first_token": wrong_first,
+        "wrong_first_token": first_wrong[0],
+        "first_wrong_token": {str(k): first_wrong[k] for k in sorted(first_wrong)},
         "within_edit_1": within_1,
         "mean_edit_distance": round(fmean(distances), 3) if distances else None,
         "mean_edit_distance_same_pool": round(fmean(pool_distances), 3) if pool_distances else None,
+        "by_kind": dict(sorted(by_kind.items())),
     }

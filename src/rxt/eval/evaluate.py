@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +25,10 @@ from rxt.data.dialogue import Dialogue
 from rxt.eval.errors import recall_errors
 from rxt.eval.recall import RecallReport, evaluate_dialogues
 from rxt.eval.reward import TextEmbedder, dialogue_rewards, reward_summary
+from rxt.memory.gate_stats import record_gates
 from rxt.tokenizer import RxTTokenizer
 
-__all__ = ["SYSTEM_NAMES", "evaluate_model_dir", "system_entry"]
+__all__ = ["SYSTEM_NAMES", "evaluate_model_dir", "summary_lines", "system_entry"]
 
 SYSTEM_NAMES = {
     "on": "rxt",
@@ -43,12 +45,14 @@ def system_entry(
     seconds: float,
     tokenizer: RxTTokenizer | None = None,
 ) -> dict:
-    """One system's JSON entry: the recall report (distance keys as str, NaN as null), the
+    """One system's JSON entry: the recall report (distance and kind keys as str, NaN as null), the
     composite reward of its replies, and (with a tokenizer) what its wrong recall answers were
     (:func:`rxt.eval.errors.recall_errors`)."""
     entry: dict[str, Any] = {
         "recall_by_distance": {str(k): v for k, v in report.recall_by_distance.items()},
         "probes_by_distance": {str(k): v for k, v in report.probes_by_distance.items()},
+        "recall_by_kind": {str(k): v for k, v in report.recall_by_kind.items()},
+        "probes_by_kind": {str(k): v for k, v in report.probes_by_kind.items()},
         "recall": None if math.isnan(report.recall) else report.recall,
         "chance": None if math.isnan(report.chance) else report.chance,
         "perplexity": report.perplexity if math.isfinite(report.perplexity) else None,
@@ -61,6 +65,45 @@ def system_entry(
     if report.replies is not None and tokenizer is not None and any(d.probes for d in dialogues):
         entry["errors"] = recall_errors(dialogues, report.replies, tokenizer)
     return entry
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def summary_lines(name: str, entry: dict[str, Any], width: int = 100) -> list[str]:
+    """A few human-readable lines for one system's entry (what ``rxt eval`` prints): the
+    scores, recall by kind, and what the wrong answers were. Fields an entry lacks (an older
+    JSON, ``--no-reward``, no probes) are left out."""
+    reward = entry.get("reward", {}).get("mean")
+    lines = [
+        f"{name:<24} recall {_number(entry.get('recall'), 3)}  "
+        f"ppl {entry.get('perplexity') or float('inf'):.3f}  "
+        f"acc {_number(entry.get('accuracy'), 3)}  reward {_number(reward, 2)}"
+    ]
+    counts = entry.get("probes_by_kind", {})
+    kinds = [
+        f"{k} {v:.2f} ({counts.get(k, '?')})" for k, v in entry.get("recall_by_kind", {}).items()
+    ]
+    if kinds:
+        lines += textwrap.wrap(
+            ", ".join(kinds), width, initial_indent="  by kind: ", subsequent_indent=" " * 11
+        )
+    for layer, g in enumerate(entry.get("gate", [])):
+        if g:
+            lines.append(
+                f"  gate G, layer {layer}: mean {g['mean']:.3f}, quantiles 1/10/50/90/99% "
+                + "/".join(f"{g[q]:.3f}" for q in ("p01", "p10", "p50", "p90", "p99"))
+            )
+    errors = entry.get("errors")
+    if errors:
+        lines.append(
+            f"  wrong {errors['wrong']}/{errors['probes']}: same pool absent "
+            f"{errors['same_pool_absent']}, in dialogue {errors['same_pool_in_dialogue']}, "
+            f"other pool {errors['other_pool']}, malformed {errors['not_a_value']}; "
+            f"wrong at first token {errors['wrong_first_token']}"
+        )
+    return lines
 
 
 def _model_type(path: Path) -> str:
@@ -116,16 +159,21 @@ def evaluate_model_dir(
         raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
     for memory in memory_modes:
         clock = time.perf_counter()
-        report = evaluate_dialogues(
-            model,
-            model.tokenizer,
-            dialogues,
-            memory=memory,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            replies=reward,
-        )
+        # G of every memory write along the gold history: is the gate selective, or stuck?
+        with record_gates(model) as gates:
+            report = evaluate_dialogues(
+                model,
+                model.tokenizer,
+                dialogues,
+                memory=memory,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                replies=reward,
+            )
         seconds = time.perf_counter() - clock
-        systems[SYSTEM_NAMES[memory]] = system_entry(report, dialogues, seconds, model.tokenizer)
+        entry = system_entry(report, dialogues, seconds, model.tokenizer)
+        if memory == "on" and any(gates.quantiles()):
+            entry["gate"] = gates.quantiles()
+        systems[SYSTEM_NAMES[memory]] = entry
     return systems

@@ -7,7 +7,7 @@ For each dialogue, turn by turn, the model reads an STM and
   ``loss_mask``), over every turn;
 - at a probe's turn, also *generates* greedily from the prompt ``[BOS][Q] query [A]`` (up to
   ``max_new_tokens``, stopping at ``[EOS]``) and scores an exact match of the decoded text
-  (whitespace stripped) with ``Probe.answer``;
+  (whitespace stripped) with ``Probe.answer``, pooled by distance and by ``Probe.kind``;
 
 and the memory then follows the **gold** history, ``STM_t = update_memory(STM_{t-1}, gold
 interaction)``, so a wrong answer never derails later turns. Which STM a turn reads is the
@@ -36,18 +36,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from rxt.data.dialogue import Dialogue
+from rxt.data.dialogue import Dialogue, Probe
 from rxt.generation import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import EncodedInteraction, RxTTokenizer, pad_sequences
 
 __all__ = [
     "MemoryMode",
+    "ProbeTally",
     "RecallReport",
     "check_eval_args",
     "donor",
@@ -65,6 +66,7 @@ class RecallReport:
 
     - ``recall_by_distance``: distance → exact-match rate of the probe answers (sorted by
       distance; only distances present); ``probes_by_distance``: distance → probe count;
+    - ``recall_by_kind``, ``probes_by_kind``: the same by ``Probe.kind`` (sorted by name);
     - ``recall``: exact-match rate over all probes; ``chance``: mean ``Probe.chance`` of those
       probes (both NaN when there are no probes);
     - ``perplexity``: ``exp`` of the mean NLL of every turn's answer tokens (+ ``[EOS]``),
@@ -80,6 +82,9 @@ class RecallReport:
     perplexity: float
     accuracy: float
     replies: list[list[str]] | None = None
+    # Defaults (after `replies`) keep older keyword constructions of the report valid.
+    recall_by_kind: dict[str, float] = field(default_factory=dict)
+    probes_by_kind: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (copies of the per-distance dicts; ``json.dumps`` turns keys into str)."""
@@ -111,6 +116,48 @@ def donor(lengths: Sequence[int], i: int, t: int) -> tuple[int, int]:
     return j, lengths[j]
 
 
+class ProbeTally:
+    """Exact-match counts of scored probes, by distance and by kind.
+
+    Every evaluator (RxT here, the stateless baselines in :mod:`rxt.baselines.evaluate`) scores
+    its replies through this one class, so their reports agree in form and in rule."""
+
+    def __init__(self) -> None:
+        self.hits: dict[int, int] = {}
+        self.probes: dict[int, int] = {}
+        self.kind_hits: dict[str, int] = {}
+        self.kind_probes: dict[str, int] = {}
+        self.chance = 0.0
+
+    def add(self, probe: Probe, reply: str) -> None:
+        """Score ``reply`` (decoded text) against ``probe`` by :func:`exact_match`."""
+        hit = int(exact_match(reply, probe.answer))
+        for hits, probes, key in (
+            (self.hits, self.probes, probe.distance),
+            (self.kind_hits, self.kind_probes, probe.kind),
+        ):
+            hits[key] = hits.get(key, 0) + hit
+            probes[key] = probes.get(key, 0) + 1
+        self.chance += probe.chance
+
+    def scores(self) -> dict[str, Any]:
+        """The recall fields of :class:`RecallReport` (rates, counts, recall, chance)."""
+        count = sum(self.probes.values())
+        nan = float("nan")
+        return {
+            "recall_by_distance": _rates(self.hits, self.probes),
+            "probes_by_distance": dict(sorted(self.probes.items())),
+            "recall_by_kind": _rates(self.kind_hits, self.kind_probes),
+            "probes_by_kind": dict(sorted(self.kind_probes.items())),
+            "recall": sum(self.hits.values()) / count if count else nan,
+            "chance": self.chance / count if count else nan,
+        }
+
+
+def _rates(hits: dict, probes: dict) -> dict:
+    return {k: hits.get(k, 0) / probes[k] for k in sorted(probes)}
+
+
 def _right_pad(seqs: Sequence[Sequence[int]], device: torch.device):
     ids, mask = pad_sequences(seqs)
     return ids.to(device), mask.to(device)
@@ -121,9 +168,7 @@ class _Totals:
         self.nll = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = 0
-        self.hits: dict[int, int] = {}
-        self.probes: dict[int, int] = {}
-        self.chance = 0.0
+        self.probes = ProbeTally()
         self.replies: dict[tuple[int, int], str] = {}
 
 
@@ -196,16 +241,9 @@ def evaluate_dialogues(
     finally:
         model.train(was_training)
 
-    count = sum(totals.probes.values())
-    nan = float("nan")
     mean_nll = totals.nll.item() / totals.tokens
     return RecallReport(
-        recall_by_distance={
-            k: totals.hits.get(k, 0) / totals.probes[k] for k in sorted(totals.probes)
-        },
-        probes_by_distance=dict(sorted(totals.probes.items())),
-        recall=sum(totals.hits.values()) / count if count else nan,
-        chance=totals.chance / count if count else nan,
+        **totals.probes.scores(),
         perplexity=math.exp(mean_nll) if mean_nll < 700 else math.inf,
         accuracy=totals.correct.item() / totals.tokens,
         replies=[
@@ -321,12 +359,8 @@ def _evaluate_batch(
                 text = tokenizer.decode(answer_ids).strip()
                 totals.replies[active[r], t] = text
                 for probe in dialogues[active[r]].probes:
-                    if probe.turn != t:
-                        continue
-                    hit = int(exact_match(text, probe.answer))
-                    totals.hits[probe.distance] = totals.hits.get(probe.distance, 0) + hit
-                    totals.probes[probe.distance] = totals.probes.get(probe.distance, 0) + 1
-                    totals.chance += probe.chance
+                    if probe.turn == t:
+                        totals.probes.add(probe, text)
 
         # Memory follows the gold history; only states that are read later are computed.
         update = [r for r, j in enumerate(rows) if t < last[j]]

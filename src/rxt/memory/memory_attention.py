@@ -13,7 +13,9 @@ variant                    pre-step (a gated-residual attention of the slots)
 =========================  ======================================================================
 
 Then the write: ``Update = Attn(Q = norm(s), K = V = norm(ED_t[l]))`` (RoPE on keys only, ED
-padding masked) and ``STM_t[l] = Gate(s, Update)``, where ``s`` is the pre-stepped slots.
+padding masked), where ``s`` is the pre-stepped slots, and the paper's gated residual against the
+old memory, ``STM_t[l] = (1 − G) ⊙ STM_{t−1}[l] + G ⊙ Update`` (``gate_reference="previous"``,
+the default). ``gate_reference="pre_step"`` gates against ``s`` instead (rxt 0.1's form).
 
 Boundedness: every attention output is a convex mix of normalised values pushed through one
 linear map, so it is bounded whatever the memory holds; the gates are convex combinations;
@@ -82,6 +84,7 @@ class MemoryAttentionLayer(nn.Module):
             config, config.memory.attention, rope_queries=False, rope_keys=True
         )
         self.gate = ResidualGate(d, config.memory)
+        self.gate_reference = config.memory.gate_reference
 
     def forward(
         self,
@@ -91,12 +94,14 @@ class MemoryAttentionLayer(nn.Module):
         ed_mask: torch.Tensor | None,
         positions: torch.Tensor,
     ) -> torch.Tensor:
-        """``slots: (B, S, d)``, ``encoded: (B, T, d)``, ``ed_mask: (B, 1, 1, T)`` or None."""
-        if self.pre_step is not None:
-            slots = self.pre_step(slots, layer_mean)
+        """``slots: (B, S, d)`` = STM_{t-1}[l], ``encoded: (B, T, d)``, ``ed_mask: (B, 1, 1, T)``
+        or None."""
+        queries = slots if self.pre_step is None else self.pre_step(slots, layer_mean)
         k, v = self.write.project_kv(self.norm_ed(encoded), positions)
-        update = self.write.attend(self.write.project_q(self.norm_q(slots)), k, v, ed_mask)
-        return self.gate(slots, update)
+        update = self.write.attend(self.write.project_q(self.norm_q(queries)), k, v, ed_mask)
+        # Paper: STM_t = (1 − G) ⊙ STM_{t−1} + G ⊙ Update; "pre_step" gates against the
+        # pre-stepped slots instead.
+        return self.gate(slots if self.gate_reference == "previous" else queries, update)
 
 
 class MemoryAttention(nn.Module):

@@ -104,10 +104,19 @@ from rxt.memory.stm import StmInitializer
 from rxt.training import distributed as dist_utils
 from rxt.training.distributed import DistributedContext
 
-__all__ = ["CheckpointMismatch", "Stage", "TrainConfig", "lr_factor", "param_groups", "train"]
+__all__ = [
+    "CheckpointMismatch",
+    "Evaluator",
+    "Stage",
+    "TrainConfig",
+    "lr_factor",
+    "param_groups",
+    "train",
+]
 
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "log.jsonl"
+EVAL_FILE = "eval.jsonl"  # the evaluator's results: {"step": n, ...} per evaluation
 _STATE_JSON = "trainer_state.json"
 _STATE_PT = "optimizer.pt"
 _FORMAT = 1
@@ -183,6 +192,17 @@ class Stage(Protocol):
     def batch(self, index: int) -> Any: ...
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class Evaluator(Protocol):
+    """Scores the model during training (a learning curve): called in eval mode at step 0 of a
+    fresh run, every ``every`` steps and at the last step, on the main process only, with the
+    RNG state saved and restored around it (a run with an evaluator trains exactly as one
+    without). Its dict is logged to ``out_dir/eval.jsonl`` with the step."""
+
+    every: int
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]: ...
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -505,6 +525,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``stage`` for ``config.steps`` optimiser steps (in total, counting the
     steps of a resumed checkpoint). Returns the last log entry: ``step``, ``lr`` (of that
@@ -521,7 +542,9 @@ def train(
     context = dist_utils.init_distributed(_model_device(model))  # kept for the process's life
     if context.distributed and _model_device(model) != context.device:
         model.to(context.device)
-    return _train(model, stage, config, Path(out_dir), resume, progress, context)
+    if evaluator is not None and (type(evaluator.every) is not int or evaluator.every < 1):
+        raise ValueError(f"evaluator.every: must be an int >= 1, got {evaluator.every!r}")
+    return _train(model, stage, config, Path(out_dir), resume, progress, context, evaluator)
 
 
 def _train(
@@ -532,9 +555,11 @@ def _train(
     resume: bool,
     progress: bool,
     context: DistributedContext,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_FILE
+    eval_path = out_dir / EVAL_FILE
     main = context.is_main
     world, accum = context.world_size, config.grad_accum
 
@@ -560,12 +585,14 @@ def _train(
         window = {k: float(v) for k, v in state.get("window", {}).items()}
         if main:
             _truncate_log(log_path, start)
+            _truncate_log(eval_path, start)
     else:
         seed = _rank_seed(config.seed, context.rank)
         torch.manual_seed(seed)
         random.seed(seed)
         if main:
             log_path.unlink(missing_ok=True)
+            eval_path.unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
         state = {
@@ -580,13 +607,26 @@ def _train(
             _save_checkpoint(out_dir, model, optimizer, scheduler, state, rng)
         dist_utils.barrier(context)  # every rank leaves with the checkpoint on disk
 
+    def evaluate(step: int) -> None:
+        if evaluator is None or not main:
+            return
+        device = _model_device(model)
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = evaluator(model)
+        model.train()
+        with open(eval_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **result}) + "\n")
+
     logger = _Logger(out_dir, start, config.steps, progress) if main else None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     last: dict[str, Any] = {}
     wrapper: nn.Module | None = None
     wrapped: tuple[int, ...] = ()
-    clock = time.perf_counter()
     model.train()
+    if not resume:
+        evaluate(0)
+    clock = time.perf_counter()
     try:
         for step in range(start, config.steps):
             params = _set_trainable(model, stage.trainable(model, step))
@@ -641,6 +681,10 @@ def _train(
                     logger.record(last)
                 window = {}
                 clock = now
+            if evaluator is not None and (done % evaluator.every == 0 or done == config.steps):
+                begin = time.perf_counter()
+                evaluate(done)
+                clock += time.perf_counter() - begin  # evaluation is not training throughput
             if done == config.steps or (
                 config.checkpoint_every and done % config.checkpoint_every == 0
             ):

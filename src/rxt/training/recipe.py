@@ -15,6 +15,9 @@ Layout (every section optional except the ones a stage needs)::
         config: {batch_size: 32} # the stage's own config dataclass (JointConfig, SmatConfig...)
         train: {steps: 300, lr: 3e-3, warmup_steps: 30}    # TrainConfig
         seed: 0                  # the stage's data order
+      smat:
+        eval: {data: [data/valid.jsonl], every: 250, limit: 100}   # a learning curve
+                                 # (smat and stateless-* stages: recall -> smat/eval.jsonl)
       smat-horizon-1:            # any other name is a variant of a stage (ablations):
         kind: smat               #   which stage it runs
         from: memory             #   whose model it starts from (default: the kind's previous)
@@ -37,7 +40,15 @@ from typing import Any
 from rxt.config import ConfigError, RxTConfig
 from rxt.training.loop import TrainConfig
 
-__all__ = ["STAGES", "Recipe", "RecipeError", "StageRecipe", "build_dataclass", "load_recipe"]
+__all__ = [
+    "STAGES",
+    "EvalRecipe",
+    "Recipe",
+    "RecipeError",
+    "StageRecipe",
+    "build_dataclass",
+    "load_recipe",
+]
 
 # Stage names in curriculum order; each model stage starts from the previous one's model.
 STAGES = ("tokenizer", "joint", "sft", "memory", "smat", "stateless-full", "stateless-current")
@@ -56,6 +67,17 @@ class StageRecipe:
     config: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    eval: EvalRecipe | None = None
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """A learning curve: recall of the first ``limit`` dialogues of ``data`` every ``every``
+    steps (:class:`rxt.eval.curve.RecallCurve`)."""
+
+    data: tuple[Path, ...]
+    every: int
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,27 @@ def _int(value: Any, path: Path, key: str, default: int, low: int) -> int:
     return value
 
 
+def _eval(value: Any, kind: str, path: Path, key: str) -> EvalRecipe | None:
+    if value is None:
+        return None
+    body = _mapping(value, path, key)
+    extra = sorted(set(body) - {"data", "every", "limit"})
+    if extra:
+        raise RecipeError(f"{path}: {key}: unknown key(s) {extra}; known: data, every, limit")
+    if kind not in ("smat", "stateless-full", "stateless-current"):
+        raise RecipeError(f"{path}: {key}: only smat and stateless stages measure recall")
+    data = _files(body.get("data"), path, f"{key}.data")
+    if not data:
+        raise RecipeError(f"{path}: {key}.data: the probe dialogues to score are missing")
+    if "every" not in body:
+        raise RecipeError(f"{path}: {key}.every: missing (steps between evaluations)")
+    every = _int(body["every"], path, f"{key}.every", 0, 1)
+    limit = body.get("limit")
+    return EvalRecipe(
+        data, every, None if limit is None else _int(limit, path, f"{key}.limit", 0, 1)
+    )
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe (the structure; stage configs are checked when a stage runs)."""
     import yaml
@@ -153,7 +196,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     stages: dict[str, StageRecipe] = {}
     for name, body in _mapping(top.get("stages"), path, "stages").items():
         body = _mapping(body, path, f"stages.{name}")
-        extra = sorted(set(body) - {"kind", "from", "data", "config", "train", "seed"})
+        extra = sorted(set(body) - {"kind", "from", "data", "config", "train", "seed", "eval"})
         if extra:
             raise RecipeError(f"{path}: stages.{name}: unknown key(s) {extra}")
         kind = body.get("kind", name)
@@ -171,6 +214,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             config=_mapping(body.get("config"), path, f"stages.{name}.config"),
             train=_mapping(body.get("train"), path, f"stages.{name}.train"),
             seed=_int(body.get("seed"), path, f"stages.{name}.seed", 0, 0),
+            eval=_eval(body.get("eval"), kind, path, f"stages.{name}.eval"),
         )
     recipe = Recipe(
         path=path,

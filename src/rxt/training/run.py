@@ -258,5 +258,31 @@ def run_stage(
     model, stage_obj = _build(stage, recipe, out, init)
     model = model.to(context.device)
     config = recipe.train_config(stage)
-    last = train(model, stage_obj, config, out / stage, resume=resume, progress=progress)
-    return last
+    evaluator = _evaluator(stage, recipe, out)
+    return train(
+        model,
+        stage_obj,
+        config,
+        out / stage,
+        resume=resume,
+        progress=progress,
+        evaluator=evaluator,
+    )
+
+
+def _evaluator(stage: str, recipe: Recipe, out: Path):
+    """The stage's learning curve (its recipe's ``eval``), or None."""
+    spec = recipe.stage(stage)
+    if spec.eval is None:
+        return None
+    from rxt.eval.curve import RecallCurve
+
+    tokenizer = _tokenizer(out)
+    key = f"stages.{stage}.eval.data"
+    max_len = recipe.model_config(tokenizer.vocab_size).max_seq_len
+    dialogues = _dialogues(spec.eval.data, key, recipe, tokenizer, max_len)[: spec.eval.limit]
+    mode = spec.kind.removeprefix("stateless-") if spec.kind.startswith("stateless-") else None
+    try:
+        return RecallCurve(dialogues, tokenizer, spec.eval.every, mode=mode)
+    except ValueError as err:
+        raise recipe.error(key, str(err)) from None

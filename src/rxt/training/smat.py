@@ -30,6 +30,7 @@ from torch import nn
 
 from rxt.data.dialogue import Dialogue
 from rxt.data.order import DialogueStream
+from rxt.memory.gate_stats import record_gates
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
@@ -315,13 +316,15 @@ class SmatStage:
     def loss(
         self, model: ReactiveTransformer, batch: SmatBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        out = smat_forward(
-            model,
-            batch,
-            stm_seed=self.config.stm_seed,
-            gradient_horizon=self.config.gradient_horizon,
-            length_groups=self.config.length_groups,
-        )
+        # G of the first dialogue's writes: a cheap sample that shows whether the gate trains.
+        with record_gates(model, rows=1) as gates:
+            out = smat_forward(
+                model,
+                batch,
+                stm_seed=self.config.stm_seed,
+                gradient_horizon=self.config.gradient_horizon,
+                length_groups=self.config.length_groups,
+            )
         tokens = max(batch.answer_tokens, 1)
         ce = out.token_ce.sum() / tokens
         loss = ce if out.aux is None else ce + out.aux
@@ -332,4 +335,6 @@ class SmatStage:
         }
         if out.aux is not None:
             metrics["aux"] = out.aux.item()
+        for layer, stats in enumerate(gates.quantiles((0.1, 0.5, 0.9))):
+            metrics.update({f"gate_l{layer}_{name}": value for name, value in stats.items()})
         return loss, metrics
