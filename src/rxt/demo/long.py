@@ -20,6 +20,7 @@ from rxt.bench.common import environment, write_json
 from rxt.demo.curves import DISTANCE_LABEL, save_recall_plot
 from rxt.demo.jobs import run_tasks
 from rxt.demo.plan import DemoPlan, data_files, recipe
+from rxt.demo.report import eval_systems
 
 __all__ = ["SEEDS", "aggregate", "run_long_demo"]
 
@@ -27,17 +28,7 @@ SEEDS = (0, 1, 2)
 # The current-turn baseline is a control at chance by construction; --long leaves it out.
 SKIP = ("stateless-current-warmup", "stateless-current")
 SYSTEMS = ("rxt", "rxt-memory-off", "stateless-full-history")
-
-
-def _systems(run: Path, prefix: str = "") -> dict[str, Any]:
-    import json
-
-    systems: dict[str, Any] = {}
-    for name in ("rxt", "stateless-full"):
-        path = run / "eval" / f"{prefix}{name}.json"
-        if path.is_file():
-            systems.update(json.loads(path.read_text(encoding="utf-8"))["systems"])
-    return systems
+MODELS = ("rxt", "stateless-full")  # the trained models whose evaluations are read
 
 
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -161,8 +152,8 @@ def run_long_demo(
         tasks += _tasks(plan, run, shakespeare=False, prefix=f"seed{seed}-", skip=SKIP)
         print(f"[seed {seed}] data and tokenizer in {run}", flush=True)
     job_times = run_tasks(tasks, out / "logs", workers=workers, progress=progress)
-    per_seed = [_systems(out / f"seed-{s}") for s in seeds]
-    per_seed_long = [_systems(out / f"seed-{s}", "long-") for s in seeds]
+    per_seed = [eval_systems(out / f"seed-{s}" / "eval", names=MODELS) for s in seeds]
+    per_seed_long = [eval_systems(out / f"seed-{s}" / "eval", "long-", MODELS) for s in seeds]
     recall, long = aggregate(per_seed), aggregate(per_seed_long)
     report = {
         "seeds": list(seeds),

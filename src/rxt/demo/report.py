@@ -31,7 +31,7 @@ from rxt.demo.curves import (
     save_recall_plot,
 )
 
-__all__ = ["check_targets", "write_report"]
+__all__ = ["check_targets", "eval_systems", "write_report"]
 
 SYSTEMS = (
     "rxt",
@@ -55,6 +55,8 @@ ERROR_COLUMNS = {
     "malformed": "not_a_value",
     "wrong at first token": "wrong_first_token",
 }
+# The trained models whose `rxt eval` outputs the report reads (eval/NAME.json).
+MAIN_MODELS = ("rxt", "stateless-full", "stateless-current")
 CONVERSATION_TARGET = "The scripted conversation recalls every fact it is asked about"
 ABLATIONS = {
     "ablation-no-memory": "without stage 3",
@@ -64,6 +66,19 @@ ABLATIONS = {
 
 def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def eval_systems(
+    evals: Path, prefix: str = "", names: tuple[str, ...] = MAIN_MODELS
+) -> dict[str, Any]:
+    """The ``systems`` of every ``evals/{prefix}{name}.json`` that exists, merged (one ``rxt
+    eval`` output per trained model; RxT's holds its memory on/off/swapped entries)."""
+    systems: dict[str, Any] = {}
+    for name in names:
+        path = evals / f"{prefix}{name}.json"
+        if path.is_file():
+            systems.update(_read(path)["systems"])
+    return systems
 
 
 def _recall(entry: dict[str, Any], distance: int) -> float | None:
@@ -421,16 +436,8 @@ def write_report(
         for name in ABLATIONS
         if (evals / f"{name}.json").is_file()
     }
-    shakespeare: dict[str, Any] = {}
-    for name in ("rxt", "stateless-full", "stateless-current"):
-        path = evals / f"shakespeare-{name}.json"
-        if path.is_file():
-            shakespeare.update(_read(path)["systems"])
-    long_systems: dict[str, Any] = {}
-    for name in ("rxt", "stateless-full", "stateless-current"):
-        path = evals / f"long-{name}.json"
-        if path.is_file():
-            long_systems.update(_read(path)["systems"])
+    shakespeare = eval_systems(evals, "shakespeare-")
+    long_systems = eval_systems(evals, "long-")
     parameters = _parameters(out / "runs")
     curves = learning_curves(out / "runs")
     report = {

@@ -18,6 +18,7 @@ import os
 import textwrap
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,10 @@ def evaluate_model_dir(
         raise FileNotFoundError(f"{path}: no tokenizer.json beside the model")
     for memory in memory_modes:
         clock = time.perf_counter()
-        # G of every memory write along the gold history: is the gate selective, or stuck?
-        with record_gates(model) as gates:
+        # G of every memory write along the gold history (memory on only): is the gate
+        # selective, or stuck?
+        recording = record_gates(model) if memory == "on" else nullcontext(None)
+        with recording as gates:
             report = evaluate_dialogues(
                 model,
                 model.tokenizer,
@@ -173,7 +176,8 @@ def evaluate_model_dir(
             )
         seconds = time.perf_counter() - clock
         entry = system_entry(report, dialogues, seconds, model.tokenizer)
-        if memory == "on" and any(gates.quantiles()):
-            entry["gate"] = gates.quantiles()
+        quantiles = gates.quantiles() if gates is not None else []
+        if any(quantiles):
+            entry["gate"] = quantiles
         systems[SYSTEM_NAMES[memory]] = entry
     return systems
