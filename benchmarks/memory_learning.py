@@ -7,7 +7,10 @@ Data: probe dialogues of 2..9 turns (facts asked 1..8 turns later) mixed 1:1 wit
 dialogues, none of them in the test split (:func:`build_data`); a tokenizer trained on them; the
 ``tiny`` preset. Each ``--STAGE N`` trains that stage
 for N steps (0 skips it): ``--warmup`` is SMAT on the two-turn dialogues only, then ``--smat`` on
-the mix. Prints one JSON line: per-stage seconds and last log entry, and recall by distance with
+the mix. ``--train-facts LOW HIGH`` asks more facts per training dialogue (the test split is
+unchanged), ``--mix-short F`` keeps only that share of the two-turn dialogues in the SMAT mix,
+``--batch`` and ``--gate-init`` set SMAT's dialogues per step and G at initialisation. Prints one
+JSON line: per-stage seconds and last log entry, and recall by distance with
 memory on and off on 300 held-out dialogues, with what the wrong answers were
 (:mod:`rxt.eval.errors`). One CPU thread; the docs quote its figures.
 """
@@ -15,6 +18,7 @@ memory on and off on 300 held-out dialogues, with what the wrong answers were
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -44,12 +48,29 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--gate-projection", choices=("linear", "elementwise"), default="linear")
     p.add_argument("--gate-reference", choices=("previous", "pre_step"), default="previous")
+    p.add_argument("--gate-init", type=float, default=0.5, help="G at initialisation")
+    p.add_argument("--batch", type=int, default=16, help="SMAT dialogues per step")
+    p.add_argument(
+        "--train-facts",
+        type=int,
+        nargs=2,
+        default=(1, 3),
+        metavar=("LOW", "HIGH"),
+        help="asked facts per training dialogue (the test split keeps 1..3)",
+    )
+    p.add_argument(
+        "--mix-short",
+        type=float,
+        default=1.0,
+        metavar="FRACTION",
+        help="share of the two-turn dialogues mixed into SMAT (1 = all, 1:1 with the rest)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and training")
     p.add_argument("--save", metavar="DIR", help="save the trained model (and tokenizer) here")
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    train_dialogues, short, test = build_data(seed=args.seed)
+    train_dialogues, short, test = build_data(seed=args.seed, facts=tuple(args.train_facts))
     texts = [
         t for d in train_dialogues[:5000] for turn in d.turns for t in (turn.query, turn.answer)
     ]
@@ -58,6 +79,7 @@ def main() -> None:
         "variant": args.variant,
         "gate_projection": args.gate_projection,
         "gate_reference": args.gate_reference,
+        "gate_init": args.gate_init,
     }
     model_config = RxTConfig.preset("tiny", vocab_size=tok.vocab_size, memory=memory)
     torch.manual_seed(args.seed)
@@ -86,9 +108,10 @@ def main() -> None:
     run(sft_stage, args.sft, "sft")
     mix = train_dialogues + short
     run(MemoryPretrainStage(mix, tok, MemoryPretrainConfig(), seed=seed), args.memory, "memory")
-    run(SmatStage(short, tok, SmatConfig(batch_size=16), seed=seed), args.warmup, "warmup")
-    smat = SmatConfig(batch_size=16, gradient_horizon=args.horizon)
-    run(SmatStage(mix, tok, smat, seed=seed), args.smat, "smat")
+    run(SmatStage(short, tok, SmatConfig(batch_size=args.batch), seed=seed), args.warmup, "warmup")
+    smat = SmatConfig(batch_size=args.batch, gradient_horizon=args.horizon)
+    smat_mix = train_dialogues + short[: round(args.mix_short * len(short))]
+    run(SmatStage(smat_mix, tok, smat, seed=seed), args.smat, "smat")
 
     if args.save:
         model.save_pretrained(args.save)
@@ -106,13 +129,23 @@ def main() -> None:
 
 
 def build_data(
-    seed: int = 0, train: int = 20000, short: int = 20000, test: int = 300
+    seed: int = 0,
+    train: int = 20000,
+    short: int = 20000,
+    test: int = 300,
+    facts: tuple[int, int] = (1, 3),
 ) -> tuple[list[Dialogue], list[Dialogue], list[Dialogue]]:
     """``(train, short, test)``: probe dialogues of 2..9 turns split into train and test, and
     two-turn dialogues (a fact, its question) with every dialogue of the test split removed
-    (the short dialogues are drawn from another stream, which repeats a few test dialogues)."""
+    (the short dialogues are drawn from another stream, which repeats a few test dialogues).
+    ``facts``: asked facts per training dialogue; other than (1, 3) the training dialogues come
+    from their own stream with the test split removed, and the test split is unchanged."""
     config = ProbeConfig(max_turns=9, max_distance=8)
     splits = generate_splits({"train": train, "test": test}, seed=seed, config=config)
+    if facts != config.facts_per_dialogue:
+        dense = dataclasses.replace(config, facts_per_dialogue=facts)
+        drawn = generate(train, seed=seed, config=dense, split="dense")
+        splits["train"] = without_overlap(drawn, splits["test"])
     two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
     two_turn_dialogues = generate(short, seed=seed + 1, config=two_turn)
     return splits["train"], without_overlap(two_turn_dialogues, splits["test"]), splits["test"]

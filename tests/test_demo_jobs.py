@@ -83,3 +83,15 @@ def test_demo_training_files_share_no_dialogue_with_any_held_out_split(tmp_path)
     assert all(wanted & {p.distance for p in d.probes} for d in long_test)
     long_train = read_dialogues(tmp_path / "probes-long-train.jsonl")
     assert max(p.distance for d in long_train for p in d.probes) <= plan.long_max_distance
+    # Training dialogues ask more facts (plan.train_facts) than the test split's 1..3 (its
+    # distribution taken from 2,000 dialogues: the quick test split is only 12).
+    from rxt.data.probes import ProbeConfig, generate
+
+    def probes_per_dialogue(dialogues) -> float:
+        return sum(len(d.probes) for d in dialogues) / len(dialogues)
+
+    test_like = ProbeConfig(max_turns=plan.max_turns, max_distance=plan.max_turns - 1)
+    reference = probes_per_dialogue(generate(2000, seed=1, config=test_like))
+    assert plan.train_facts[0] > test_like.facts_per_dialogue[1]
+    train = read_dialogues(tmp_path / "probes-train.jsonl")
+    assert probes_per_dialogue(train) > 1.1 * reference

@@ -234,3 +234,15 @@ def test_memory_benchmark_trains_on_no_test_dialogue():
     test_keys = {key(d) for d in test}
     assert not any(key(d) in test_keys for d in itertools.chain(train, short))
     assert any(len(d.turns) == 2 for d in test)  # two-turn test dialogues exist to collide with
+
+
+def test_memory_benchmark_denser_training_keeps_the_test_split():
+    """``--train-facts 5 8`` draws other training dialogues (more asked facts each), disjoint from
+    a test split that is exactly the default one."""
+    module = _memory_learning()
+    _, _, test = module.build_data(train=2000)
+    dense, _, dense_test = module.build_data(train=2000, facts=(5, 8))
+    assert dense_test == test
+    assert not {d.turns for d in dense} & {d.turns for d in test}
+    probes = sum(len(d.probes) for d in dense) / len(dense)
+    assert probes > 1.4 * sum(len(d.probes) for d in test) / len(test)

@@ -35,6 +35,8 @@ class DemoPlan:
     vocab_size: int = 512  # probe recall was higher at 512 than at 1024 (docs/training.md)
     max_turns: int = 9  # probe dialogues: 2..max_turns turns, facts asked 1..max_turns-1 back
     train_dialogues: int = 20000
+    # Asked facts per training probe dialogue (the test and validation splits keep 1..3).
+    train_facts: tuple[int, int] = (5, 8)
     warmup_dialogues: int = 20000  # two-turn dialogues (SMAT warm-up, and mixed into SMAT)
     test_dialogues: int = 300
     shakespeare_dialogues: int = 1500  # 0 = leave the real corpus out

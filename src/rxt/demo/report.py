@@ -230,8 +230,10 @@ def _markdown(report: dict[str, Any]) -> str:
     systems, ablations = report["systems"], report["ablations"]
     distances = sorted({int(k) for e in systems.values() for k in e["recall_by_distance"]})
     lines = ["# rxt demo report", ""]
+    facts = report["data"].get("train_facts")
+    asked = f" (each asking {facts[0]}–{facts[1]} facts, turns allowing)" if facts else ""
     lines += [
-        f"Data: {report['data']['probes-train']} training probe dialogues + "
+        f"Data: {report['data']['probes-train']} training probe dialogues{asked} + "
         f"{report['data']['warmup']} two-turn warm-up dialogues; test: "
         f"{report['data']['probes-test']} held-out dialogues; chance level "
         f"{report['data']['chance']:.4f}. Wall time {report['timings']['total']:.0f} s "
