@@ -95,3 +95,20 @@ def test_demo_training_files_share_no_dialogue_with_any_held_out_split(tmp_path)
     assert plan.train_facts[0] > test_like.facts_per_dialogue[1]
     train = read_dialogues(tmp_path / "probes-train.jsonl")
     assert probes_per_dialogue(train) > 1.1 * reference
+
+
+def test_denser_training_dialogues_leave_every_held_out_split_as_it_was(tmp_path):
+    """``train_facts`` changes only the training file: the test, validation and long test
+    splits are byte for byte those of training dialogues drawn like the test split."""
+    import dataclasses
+
+    from rxt.demo.pipeline import build_data
+
+    plan = DemoPlan.quick()
+    build_data(plan, tmp_path / "dense", seed=0)
+    build_data(dataclasses.replace(plan, train_facts=(1, 3)), tmp_path / "plain", seed=0)
+    for name in ("probes-test", "probes-valid", "probes-long-test"):
+        dense = (tmp_path / "dense" / f"{name}.jsonl").read_bytes()
+        assert dense == (tmp_path / "plain" / f"{name}.jsonl").read_bytes(), name
+    train = "probes-train.jsonl"
+    assert (tmp_path / "dense" / train).read_bytes() != (tmp_path / "plain" / train).read_bytes()

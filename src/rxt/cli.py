@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--long",
         action="store_true",
-        help="RxT and the full-history baseline, 3000 SMAT steps, 3 seeds (est. 75 min, 2 CPUs)",
+        help="RxT and the full-history baseline, 3000 SMAT steps, 3 seeds (57 min, 2-core Xeon)",
     )
     demo.add_argument(
         "--ablations",
