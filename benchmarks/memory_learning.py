@@ -26,7 +26,7 @@ import torch
 
 from rxt.config import RxTConfig
 from rxt.data.dialogue import Dialogue
-from rxt.data.probes import ProbeConfig, generate, generate_splits, without_overlap
+from rxt.data.probes import ProbeConfig, generate_apart, generate_splits
 from rxt.eval.errors import recall_errors
 from rxt.eval.recall import evaluate_dialogues
 from rxt.model.reactive_transformer import ReactiveTransformer
@@ -144,11 +144,14 @@ def build_data(
     splits = generate_splits({"train": train, "test": test}, seed=seed, config=config)
     if facts != config.facts_per_dialogue:
         dense = dataclasses.replace(config, facts_per_dialogue=facts)
-        drawn = generate(train, seed=seed, config=dense, split="dense")
-        splits["train"] = without_overlap(drawn, splits["test"])
+        splits["train"] = generate_apart(
+            train, seed=seed, config=dense, held_out=splits["test"], split="dense"
+        )
     two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
-    two_turn_dialogues = generate(short, seed=seed + 1, config=two_turn)
-    return splits["train"], without_overlap(two_turn_dialogues, splits["test"]), splits["test"]
+    two_turn_dialogues = generate_apart(
+        short, seed=seed + 1, config=two_turn, held_out=splits["test"]
+    )
+    return splits["train"], two_turn_dialogues, splits["test"]
 
 
 if __name__ == "__main__":

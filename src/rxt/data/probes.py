@@ -36,6 +36,7 @@ __all__ = [
     "distance_histogram",
     "fact_kinds",
     "generate",
+    "generate_apart",
     "generate_splits",
     "value_pool",
     "without_overlap",
@@ -381,6 +382,19 @@ def without_overlap(dialogues: Iterable[Dialogue], held_out: Iterable[Dialogue])
     :func:`generate_splits`): training data drawn apart from a test split stays disjoint."""
     keys = {_key(d) for d in held_out}
     return [d for d in dialogues if _key(d) not in keys]
+
+
+def generate_apart(
+    n: int,
+    *,
+    seed: int,
+    config: ProbeConfig,
+    held_out: Iterable[Dialogue],
+    split: str = "train",
+) -> list[Dialogue]:
+    """:func:`generate`'s ``n`` dialogues minus every ``held_out`` one (:func:`without_overlap`):
+    training data from a stream of its own that stays disjoint from the evaluation splits."""
+    return without_overlap(generate(n, seed=seed, config=config, split=split), held_out)
 
 
 def generate_splits(

@@ -28,8 +28,8 @@ from rxt.data.probes import (
     ProbeConfig,
     chance_level,
     generate,
+    generate_apart,
     generate_splits,
-    without_overlap,
 )
 from rxt.demo.jobs import Task, run_tasks
 from rxt.demo.plan import DemoPlan, data_files, jobs, recipe
@@ -48,7 +48,6 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     # test split as it was; each later split skips dialogues of the earlier ones.
     sizes = {"train": plan.train_dialogues, "test": plan.test_dialogues}
     splits = generate_splits({**sizes, "valid": plan.valid_dialogues}, seed=seed, config=config)
-    held_out = [*splits["test"], *splits["valid"]]
     # Long dialogues: facts up to long_max_distance turns back, mixed into training; and a test
     # split asking only at long_test_distances.
     long = ProbeConfig(
@@ -57,9 +56,9 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     )
     long_test_config = dataclasses.replace(long, distances=plan.long_test_distances)
     long_test = generate(plan.long_test_dialogues, seed=seed, config=long_test_config, split="long")
-    long_train = without_overlap(
-        generate(plan.long_train_dialogues, seed=seed, config=long, split="long-train"),
-        [*held_out, *long_test],
+    held_out = [*splits["test"], *splits["valid"], *long_test]  # every split evaluated on
+    long_train = generate_apart(
+        plan.long_train_dialogues, seed=seed, config=long, held_out=held_out, split="long-train"
     )
     # Training dialogues ask more facts than the test split's (1..3): every recall answer is a
     # gradient for the memory, and 5..8 asked facts (about 3.0 probes per dialogue against
@@ -68,13 +67,13 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     # the test and validation splits are drawn exactly as before.
     if plan.train_facts != config.facts_per_dialogue:
         dense = dataclasses.replace(config, facts_per_dialogue=plan.train_facts)
-        drawn = generate(plan.train_dialogues, seed=seed, config=dense, split="train-dense")
-        splits["train"] = without_overlap(drawn, [*held_out, *long_test])
+        splits["train"] = generate_apart(
+            plan.train_dialogues, seed=seed, config=dense, held_out=held_out, split="train-dense"
+        )
     # Two-turn dialogues (a fact, its question), disjoint from every held-out split.
     two_turn = ProbeConfig(max_turns=2, max_distance=1, extra_turns=0)
-    warmup = without_overlap(
-        generate(plan.warmup_dialogues, seed=seed, config=two_turn, split="warmup"),
-        [*held_out, *long_test],
+    warmup = generate_apart(
+        plan.warmup_dialogues, seed=seed, config=two_turn, held_out=held_out, split="warmup"
     )
     files = {
         "probes-train": splits["train"],
