@@ -21,6 +21,7 @@ from rxt.data.probes import (
     distance_histogram,
     fact_kinds,
     generate,
+    generate_apart,
     generate_splits,
     value_pool,
     without_overlap,
@@ -243,6 +244,8 @@ def test_without_overlap_drops_exactly_the_held_out_dialogues():
     assert dropped  # collisions are likely in this small config space
     assert kept == [d for d in other if tuple(d.turns) not in held_out]
     assert without_overlap(other, []) == other
+    # generate_apart: the same stream, minus the same dialogues.
+    assert generate_apart(2000, seed=0, config=config, held_out=test) == kept
 
 
 def test_distances_fix_the_first_facts_distance():
