@@ -3,13 +3,12 @@ memory benchmark's data split."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_support import load_benchmark
 from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue, Probe, Turn
@@ -17,8 +16,6 @@ from rxt.eval.errors import ERROR_CLASSES, edit_distance, first_difference, reca
 from rxt.eval.evaluate import summary_lines, system_entry
 from rxt.eval.recall import evaluate_dialogues, exact_match
 from rxt.tokenizer import RxTTokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The dog's name is asked; the cat's name (the same pool) is also said in the dialogue.
 PETS = Dialogue(
@@ -213,12 +210,7 @@ def test_summary_lines_are_short_and_tolerate_older_entries():
 
 
 def _memory_learning():
-    spec = importlib.util.spec_from_file_location(
-        "memory_learning", ROOT / "benchmarks" / "memory_learning.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_learning")
 
 
 def test_memory_benchmark_trains_on_no_test_dialogue():
