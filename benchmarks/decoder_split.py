@@ -26,15 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rxt.config import RxTConfig
 from rxt.demo.jobs import run_tasks
-from rxt.demo.pipeline import _fit_test_files, _tasks, build_data
-from rxt.demo.plan import DemoPlan, data_files, model_overrides, recipe
+from rxt.demo.pipeline import run_jobs, train_tokenizer, write_run
+from rxt.demo.plan import DemoPlan, model_overrides
 from rxt.demo.report import eval_systems
 from rxt.model.reactive_transformer import ReactiveTransformer
-from rxt.training.run import run_stage
 
 CURRENT = ("stateless-current-warmup", "stateless-current")
 BASELINES = ("stateless-full-warmup", "stateless-full", *CURRENT)
@@ -58,15 +55,10 @@ def parameters(plan: DemoPlan) -> dict[str, int]:
 
 def prepare(plan: DemoPlan, run: Path, seed: int, current: bool) -> list:
     """The run's data, recipe (the plan's FFN split) and tokenizer; returns its tasks."""
-    data = build_data(plan, run / "data", seed)
-    shakespeare = "shakespeare-train" in data
-    spec = recipe(plan, data_files(run, shakespeare), seed)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    run_stage("tokenizer", run / "recipe.yaml", run / "runs")
-    _fit_test_files(run, plan, data)
+    data = write_run(plan, run, seed)
+    train_tokenizer(plan, run, data)
     skip = tuple(b for b in BASELINES if not (current and b in CURRENT))
-    return _tasks(plan, run, shakespeare, prefix=f"{run.name}-", skip=skip)
+    return run_jobs(plan, run, "shakespeare-train" in data, prefix=f"{run.name}-", skip=skip)
 
 
 def summary(plan: DemoPlan, run: Path, seed: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 from rxt.bench.common import environment, write_json
 from rxt.demo.curves import DISTANCE_LABEL, save_recall_plot
 from rxt.demo.jobs import run_tasks
-from rxt.demo.plan import DemoPlan, data_files, recipe
+from rxt.demo.plan import DemoPlan
 from rxt.demo.report import eval_systems
 
 __all__ = ["SEEDS", "aggregate", "run_long_demo"]
@@ -132,10 +132,7 @@ def run_long_demo(
     plan: DemoPlan | None = None,
 ) -> dict[str, Any]:
     """Every seed's run, then the report over seeds (module docstring). ``plan``: for tests."""
-    import yaml
-
-    from rxt.demo.pipeline import _fit_test_files, _tasks, build_data
-    from rxt.training.run import run_stage
+    from rxt.demo.pipeline import run_jobs, train_tokenizer, write_run
 
     plan = plan or DemoPlan.long()
     out = Path(out)
@@ -143,13 +140,8 @@ def run_long_demo(
     tasks = []
     for seed in seeds:
         run = out / f"seed-{seed}"
-        data = build_data(plan, run / "data", seed)
-        spec = recipe(plan, data_files(run, "shakespeare-train" in data), seed)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-        run_stage("tokenizer", run / "recipe.yaml", run / "runs")
-        _fit_test_files(run, plan, data)
-        tasks += _tasks(plan, run, shakespeare=False, prefix=f"seed{seed}-", skip=SKIP)
+        train_tokenizer(plan, run, write_run(plan, run, seed))
+        tasks += run_jobs(plan, run, shakespeare=False, prefix=f"seed{seed}-", skip=SKIP)
         print(f"[seed {seed}] data and tokenizer in {run}", flush=True)
     job_times = run_tasks(tasks, out / "logs", workers=workers, progress=progress)
     per_seed = [eval_systems(out / f"seed-{s}" / "eval", names=MODELS) for s in seeds]

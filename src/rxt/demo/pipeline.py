@@ -35,7 +35,7 @@ from rxt.demo.jobs import Task, run_tasks
 from rxt.demo.plan import DemoPlan, data_files, jobs, recipe
 from rxt.demo.report import write_report
 
-__all__ = ["run_demo"]
+__all__ = ["build_data", "run_demo", "run_jobs", "train_tokenizer", "write_run"]
 
 SHAKESPEARE_TEST_PLAYS = ("hamlet", "tempest")
 SHAKESPEARE_VALID_PLAYS = ("twelfth_night",)
@@ -114,6 +114,27 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
     return info
 
 
+def write_run(plan: DemoPlan, out: Path, seed: int) -> dict[str, Any]:
+    """A run directory's data (:func:`build_data`) and ``recipe.yaml`` (``plan``'s recipe, seeded
+    with ``seed``); returns the data counts. One layout for ``rxt demo``, each ``--long`` seed and
+    ``benchmarks/decoder_split.py``."""
+    import yaml
+
+    data = build_data(plan, out / "data", seed)
+    spec = recipe(plan, data_files(out, "shakespeare-train" in data), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return data
+
+
+def train_tokenizer(plan: DemoPlan, out: Path, data: dict[str, Any]) -> None:
+    """The recipe's tokenizer stage, then the test files cut to what the model can read."""
+    from rxt.training.run import run_stage
+
+    run_stage("tokenizer", out / "recipe.yaml", out / "runs")
+    _fit_test_files(out, plan, data)
+
+
 def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
     """Cut test dialogues before any interaction the model cannot read in one event, as the
     training stages do with theirs (counted in ``data``)."""
@@ -133,7 +154,7 @@ def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
                 data[name] = write_dialogues(path, kept)
 
 
-def _tasks(
+def run_jobs(
     plan: DemoPlan,
     out: Path,
     shakespeare: bool,
@@ -246,10 +267,6 @@ def run_demo(
     """The demo (module docstring). ``workers``: training processes of one thread each (two on
     two cores: one trains the RxT chain, the other the two baselines).
     ``ablations``: also train and evaluate the two ablations (about 1.5 x the time)."""
-    import yaml
-
-    from rxt.training.run import run_stage
-
     plan = dataclasses.replace(DemoPlan.quick() if quick else DemoPlan(), ablations=ablations)
     out = Path(out)
     started = time.perf_counter()
@@ -259,19 +276,16 @@ def run_demo(
         print(f"[{label}] {time.perf_counter() - started:6.1f} s", flush=True)
 
     step("1/7 data: probe dialogues, two-turn warm-up dialogues, Shakespeare")
-    data = build_data(plan, out / "data", seed)
+    data = write_run(plan, out, seed)
     shakespeare = "shakespeare-test" in data
     if not shakespeare:
         print(f"      Shakespeare: {data['shakespeare']}")
-    spec = recipe(plan, data_files(out, shakespeare), seed)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     timings["data"] = time.perf_counter() - started
 
     step("2/7 tokenizer")
     clock = time.perf_counter()
-    run_stage("tokenizer", out / "recipe.yaml", out / "runs")
+    train_tokenizer(plan, out, data)
     timings["tokenizer"] = time.perf_counter() - clock
-    _fit_test_files(out, plan, data)
 
     if quick:
         workers = 0  # in this process: start-up costs more than the quick jobs themselves
@@ -279,7 +293,7 @@ def run_demo(
     step(f"3/7 training and evaluation ({where}, logs in {out / 'logs'})")
     clock = time.perf_counter()
     job_times = run_tasks(
-        _tasks(plan, out, shakespeare), out / "logs", workers=workers, progress=progress
+        run_jobs(plan, out, shakespeare), out / "logs", workers=workers, progress=progress
     )
     timings["train_and_eval"] = time.perf_counter() - clock
 
