@@ -15,6 +15,11 @@ lives in ``OUT/dDEC-eENC-seedS`` (the demo's layout: ``recipe.yaml``, ``runs/``,
 jobs share one scheduler of one-thread workers (two on two cores, as the demo). Prints one JSON
 line per run: parameter counts, recall by distance (memory on, off), recall at k = 16 and 32,
 Shakespeare answer perplexity; then a Markdown table. ``docs/training.md`` quotes its figures.
+
+``--memory KEY=VALUE ...`` overrides fields of the memory config in every run (e.g.
+``--memory num_slots=64`` or ``--memory variant=gated-self-interlayer``; values are read as JSON
+where they parse, else as strings) and tags the run directories with them: the same chain, the
+same data, another memory.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rxt.config import RxTConfig
+from rxt.config import ConfigError, RxTConfig
 from rxt.demo.jobs import run_tasks
 from rxt.demo.pipeline import run_jobs, train_tokenizer, write_run
 from rxt.demo.plan import DemoPlan, model_overrides
@@ -45,6 +50,23 @@ def _split(text: str) -> tuple[int, int]:
     if dec <= 0 or enc <= 0:
         raise argparse.ArgumentTypeError(f"FFN widths must be positive, got {text!r}")
     return dec, enc
+
+
+def _memory_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def run_name(plan: DemoPlan, seed: int) -> str:
+    """``dDEC-eENC[-KEYVALUE...]-seedS``: the split, the memory overrides, the seed."""
+    tags = "".join(f"-{key}{value}" for key, value in plan.memory)
+    return "d{}-e{}".format(*plan.ffn_dims) + f"{tags}-seed{seed}"
 
 
 def parameters(plan: DemoPlan) -> dict[str, int]:
@@ -72,6 +94,7 @@ def summary(plan: DemoPlan, run: Path, seed: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "split": "{}:{}".format(*plan.ffn_dims),
+        "memory": dict(plan.memory),
         "seed": seed,
         "parameters": parameters(plan),
         "recall": round(test["rxt"]["recall"], 3),
@@ -98,7 +121,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["recall_long"] or {},
             r["shakespeare_ppl"],
         )
-        cells = [r["split"], r["seed"], p["decoder"], p["encoder"], p["inference"], r["recall"],
+        split = r["split"] + "".join(f" {k}={v}" for k, v in r.get("memory", {}).items())
+        cells = [split, r["seed"], p["decoder"], p["encoder"], p["inference"], r["recall"],
                  k.get("1"), k.get("2"), far.get("16"), far.get("32"), ppl.get("rxt"),
                  ppl.get("rxt-memory-off"), ppl.get("stateless-current-turn", "–")]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -110,6 +134,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/decoder-split"))
     parser.add_argument("--splits", type=_split, nargs="+", default=[(128, 128), (224, 32)])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--memory",
+        type=_memory_override,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="memory config overrides for every run (e.g. num_slots=64)",
+    )
     parser.add_argument("--smat", type=int, help="SMAT steps (default: the demo's)")
     parser.add_argument("--current", action="store_true", help="also the current-turn baseline")
     parser.add_argument("--workers", type=int, default=2)
@@ -119,12 +151,17 @@ def main() -> None:
     plan = DemoPlan.quick() if args.quick else DemoPlan()
     if args.smat is not None:
         plan = dataclasses.replace(plan, smat_steps=args.smat)
+    plan = dataclasses.replace(plan, memory=tuple(args.memory))
+    try:
+        parameters(plan)  # an unknown field or bad value fails here, by name, not in a job
+    except ConfigError as exc:
+        parser.error(f"--memory: {exc}")
     started = time.perf_counter()
     runs, tasks = [], []
     for seed in args.seeds:
         for i, (dec, enc) in enumerate(args.splits):
             split = dataclasses.replace(plan, ffn_dims=(dec, enc))
-            run = args.out / f"d{dec}-e{enc}-seed{seed}"
+            run = args.out / run_name(split, seed)
             tasks += prepare(split, run, seed, current=args.current and i == 0)
             runs.append((split, run, seed))
     job_times = run_tasks(tasks, args.out / "logs", workers=args.workers)

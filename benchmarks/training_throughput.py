@@ -2,6 +2,7 @@
 
     python benchmarks/training_throughput.py                 # tiny, 150 steps per stage
     python benchmarks/training_throughput.py --stages smat --steps 300 --json out.json
+    python benchmarks/training_throughput.py --stages smat --compile decoder encoder
 
 Builds the demo's data (probe dialogues of 2..9 turns mixed with two-turn dialogues, test split
 removed, a 512-token BPE), a ``tiny`` model, and trains each stage with the project's own loop
@@ -9,7 +10,9 @@ removed, a 512-token BPE), a ``tiny`` model, and trains each stage with the proj
 training tokens/s per stage: real (non-padding) tokens of the inputs, forward + backward +
 optimiser step, the median of the log windows after the first (which holds warm-up). Stages
 run in order on one model, as in the curriculum, so SMAT trains a model that has seen stages
-1-3. A figure-printing benchmark, not a test.
+1-3. ``--compile`` wraps each layer of the named modules in ``torch.compile(dynamic=True)``
+(the first log window, which the median skips, holds the compilation). A figure-printing
+benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -91,6 +94,13 @@ def main() -> None:
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="then profile N more steps per stage"
     )
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=[],
+        choices=("decoder", "encoder", "memory_attention"),
+        help="torch.compile each layer of these modules (dynamic shapes)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -102,6 +112,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = ReactiveTransformer(RxTConfig.preset("tiny", vocab_size=tok.vocab_size))
     model.tokenizer = tok
+    for name in args.compile:
+        for layer in getattr(model, name).layers:
+            layer.compile(dynamic=True)
     stages = _stages(tok, train_dialogues, short)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,3 +46,23 @@ def test_a_run_trains_the_rxt_chain_with_the_split(tmp_path):
     names = {t.name.removeprefix("c-") for t in with_current}
     assert {"stateless-current", "eval-shakespeare-stateless-current"} <= names
     assert not {n for n in names if "stateless-full" in n}
+
+
+def test_memory_overrides_reach_the_recipe_and_name_the_run(tmp_path):
+    module = _module()
+    assert module._memory_override("num_slots=64") == ("num_slots", 64)
+    assert module._memory_override("variant=gated-self-interlayer") == (
+        "variant",
+        "gated-self-interlayer",
+    )
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        module._memory_override("num_slots")
+    plan = dataclasses.replace(DemoPlan.quick(), memory=(("num_slots", 16),))
+    assert module.run_name(plan, 2) == "d224-e32-num_slots16-seed2"
+    assert module.run_name(DemoPlan(), 0) == "d224-e32-seed0"
+    run = tmp_path / module.run_name(plan, 0)
+    module.prepare(plan, run, 0, current=False)
+    spec = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert spec["model"]["overrides"]["memory"] == {"num_slots": 16}
+    # More slots hold no more parameters: the STM is state, not weights.
+    assert module.parameters(plan)["inference"] == module.parameters(DemoPlan.quick())["inference"]

@@ -37,6 +37,9 @@ class DemoPlan:
     # (-0.7, -1.3, -2.1) with recall within noise (+0.03, +0.04, -0.01)
     # (benchmarks/decoder_split.py, docs/training.md).
     ffn_dims: tuple[int, int] = (224, 32)
+    # ``(field, value)`` overrides of the preset's memory config (e.g. ``("num_slots", 64)``):
+    # none in the demo; benchmarks/decoder_split.py --memory varies them.
+    memory: tuple[tuple[str, Any], ...] = ()
     vocab_size: int = 512  # probe recall was higher at 512 than at 1024 (docs/training.md)
     max_turns: int = 9  # probe dialogues: 2..max_turns turns, facts asked 1..max_turns-1 back
     train_dialogues: int = 20000
@@ -114,9 +117,13 @@ def _train(steps: int, lr: float) -> dict[str, Any]:
 
 
 def model_overrides(plan: DemoPlan) -> dict[str, Any]:
-    """The recipe's ``model.overrides``: the plan's FFN widths on top of its preset."""
+    """The recipe's ``model.overrides``: the plan's FFN widths (and memory overrides, if any)
+    on top of its preset."""
     decoder, encoder = plan.ffn_dims
-    return {"decoder": {"ffn_dim": decoder}, "encoder": {"ffn_dim": encoder}}
+    overrides: dict[str, Any] = {"decoder": {"ffn_dim": decoder}, "encoder": {"ffn_dim": encoder}}
+    if plan.memory:
+        overrides["memory"] = dict(plan.memory)
+    return overrides
 
 
 def recipe(plan: DemoPlan, data: dict[str, list[str]], seed: int = 0) -> dict[str, Any]:
