@@ -655,8 +655,3 @@ class TurnService:
             inherited = self.history(owner, parent["conversation_id"], depth + 1)
             own = inherited[: parent["version"]] + own
         return own
-
-
-def _resolve(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)

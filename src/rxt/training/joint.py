@@ -1,4 +1,6 @@
-"""Stages 1 and 2: joint LM pre-training and joint interaction fine-tuning (``rxt.md`` §6).
+"""Stages 1 and 2: joint LM pre-training and joint interaction fine-tuning.
+
+The paper's training curriculum (Filipek, arXiv:2510.03561), stages 1 and 2.
 
 One sequence feeds both halves of the model:
 

@@ -1,4 +1,6 @@
-"""One training loop for every curriculum stage (``rxt.md`` §6).
+"""One training loop for every curriculum stage.
+
+The paper's training curriculum (Filipek, arXiv:2510.03561): every stage trains through it.
 
 A *stage* supplies three things and nothing else:
 

@@ -1,4 +1,6 @@
-"""Stage 3: self-supervised memory-attention pre-training (``rxt.md`` §6).
+"""Stage 3: self-supervised memory-attention pre-training.
+
+The paper's training curriculum (Filipek, arXiv:2510.03561), stage 3.
 
 No label says what a "good" memory is, so the memory-attention network is trained towards a
 pseudo-target: a blend of the old memory and the new interaction. For each dialogue, with STM_0

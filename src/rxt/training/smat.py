@@ -1,4 +1,6 @@
-"""Stage 4, supervised memory-aware training (SMAT; ``rxt.md`` §6).
+"""Stage 4, supervised memory-aware training (SMAT).
+
+The paper's training curriculum (Filipek, arXiv:2510.03561), stage 4.
 
 For each dialogue: STM_0 is random (updated with the system prompt, if any); turn 1 is decoded
 from STM_0; then for t = 1..N−1, ED_t = Enc(I_t), STM_t = MemAttn(STM_{t−1}, ED_t), and turn t+1
