@@ -11,10 +11,11 @@ answer token) buy answer perplexity on Shakespeare without costing recall. ``--c
 trains the current-turn baseline once, matched to the first split (the splits have the same
 count, but the matched Llama's shape follows the RxT decoder's FFN width:
 :func:`rxt.baselines.model.matched_llama_config`), for the perplexity it has to beat. Each run
-lives in ``OUT/dDEC-eENC-seedS`` (the demo's layout: ``recipe.yaml``, ``runs/``, ``eval/``). All
-jobs share one scheduler of one-thread workers (two on two cores, as the demo). Prints one JSON
-line per run: parameter counts, recall by distance (memory on, off), recall at k = 16 and 32,
-Shakespeare answer perplexity; then a Markdown table. ``docs/training.md`` quotes its figures.
+lives in ``OUT/dDEC-eENC[-KEYVALUE...]-seedS`` (the demo's layout: ``recipe.yaml``, ``runs/``,
+``eval/``). All jobs share one scheduler of one-thread workers (two on two cores, as the
+demo). Prints one JSON line per run: parameter counts, recall by distance (memory on, off),
+recall at k = 16 and 32, Shakespeare answer perplexity; then a Markdown table.
+``docs/training.md`` quotes its figures.
 
 ``--memory KEY=VALUE ...`` overrides fields of the memory config in every run (e.g.
 ``--memory num_slots=64`` or ``--memory variant=gated-self-interlayer``; values are read as JSON
@@ -66,7 +67,8 @@ def _memory_override(text: str) -> tuple[str, Any]:
 def run_name(plan: DemoPlan, seed: int) -> str:
     """``dDEC-eENC[-KEYVALUE...]-seedS``: the split, the memory overrides, the seed."""
     tags = "".join(f"-{key}{value}" for key, value in plan.memory)
-    return "d{}-e{}".format(*plan.ffn_dims) + f"{tags}-seed{seed}"
+    decoder, encoder = plan.ffn_dims
+    return f"d{decoder}-e{encoder}{tags}-seed{seed}"
 
 
 def parameters(plan: DemoPlan) -> dict[str, int]:
@@ -76,7 +78,8 @@ def parameters(plan: DemoPlan) -> dict[str, int]:
 
 
 def prepare(plan: DemoPlan, run: Path, seed: int, current: bool) -> list:
-    """The run's data, recipe (the plan's FFN split) and tokenizer; returns its tasks."""
+    """The run's data, recipe (the plan's FFN split and memory overrides) and tokenizer;
+    returns its tasks."""
     data = write_run(plan, run, seed)
     train_tokenizer(plan, run, data)
     skip = tuple(b for b in BASELINES if not (current and b in CURRENT))
@@ -121,7 +124,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["recall_long"] or {},
             r["shakespeare_ppl"],
         )
-        split = r["split"] + "".join(f" {k}={v}" for k, v in r.get("memory", {}).items())
+        split = r["split"] + "".join(f" {field}={value}" for field, value in r["memory"].items())
         cells = [split, r["seed"], p["decoder"], p["encoder"], p["inference"], r["recall"],
                  k.get("1"), k.get("2"), far.get("16"), far.get("32"), ppl.get("rxt"),
                  ppl.get("rxt-memory-off"), ppl.get("stateless-current-turn", "–")]  # fmt: skip
