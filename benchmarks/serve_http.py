@@ -62,7 +62,7 @@ import httpx
 import torch
 
 from rxt.bench.common import environment, load_or_build, write_json
-from rxt.demo import synthetic_corpus
+from rxt.data.synthetic import synthetic_corpus
 
 MODEL_NAME = "bench"
 CONVERSATION_HEADER = "x-rxt-conversation-id"

@@ -24,7 +24,7 @@ import torch
 import uvicorn
 
 from rxt import ReactiveTransformer, RxTConfig
-from rxt.demo.corpus import synthetic_corpus
+from rxt.data.synthetic import synthetic_corpus
 from rxt.serve.app import create_app
 from rxt.serve.auth import KeyRing
 from rxt.serve.settings import ServerSettings

@@ -23,7 +23,6 @@ from rxt.baselines import (
     StatelessStage,
     build_baseline,
     build_matched_baseline,
-    evaluate_stateless,
     full_sequence,
     llama_parameter_count,
     load_baseline,
@@ -32,11 +31,12 @@ from rxt.baselines import (
     rxt_parameter_count,
     scored_rows,
 )
-from rxt.bench.stateless import llama_config_for
+from rxt.baselines.llama import llama_config_for
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue, Probe, Turn
 from rxt.data.order import EpochOrder
 from rxt.eval.recall import RecallReport
+from rxt.eval.stateless import evaluate_stateless
 from rxt.tokenizer import RxTTokenizer
 from rxt.training.loop import TrainConfig, train
 from rxt.training.smat import SmatConfig, SmatStage
@@ -442,8 +442,9 @@ def test_training_with_the_loop_resumes_exactly(tokenizer, dialogues, tmp_path, 
 
 
 def test_loop_resumes_a_plain_llama(tokenizer, dialogues, tmp_path):
-    """loop.py compares a transformers config by content, not by its load bookkeeping
-    (``_name_or_path``, ``transformers_version``, ``dtype``), so a plain Llama resumes."""
+    """The loop's checkpoint (training/checkpoint.py) compares a transformers config by content,
+    not by its load bookkeeping (``_name_or_path``, ``transformers_version``, ``dtype``), so a
+    plain Llama resumes."""
     stage = StatelessStage(dialogues, tokenizer, "current", batch_size=3)
 
     def plain() -> LlamaForCausalLM:

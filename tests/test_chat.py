@@ -11,7 +11,7 @@ import torch
 
 from rxt import ReactiveTransformer, RxTConfig
 from rxt.chat import add_arguments, run_chat
-from rxt.demo import synthetic_corpus
+from rxt.data.synthetic import synthetic_corpus
 from rxt.engine import Engine
 from rxt.tokenizer import RxTTokenizer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rxt import ReactiveTransformer, RxTConfig
-from rxt.demo import synthetic_corpus
+from rxt.data.synthetic import synthetic_corpus
 from rxt.engine import Engine
 from rxt.tokenizer import RxTTokenizer
 

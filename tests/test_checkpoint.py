@@ -1,4 +1,5 @@
-"""Saving and loading models: safetensors only, exact round trips, clear errors (rxt.checkpoint)."""
+"""Saving and loading models: safetensors only, exact round trips, clear errors
+(rxt.model.checkpoint)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-import rxt.checkpoint as checkpoint
+import rxt.model.checkpoint as checkpoint
 from rxt import ReactiveTransformer, RxTConfig, RxTTokenizer
-from rxt.checkpoint import CheckpointError
+from rxt.model.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 

@@ -7,7 +7,7 @@ import torch
 
 from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
-from rxt.demo import report
+from rxt.demo import report, report_markdown
 from rxt.demo.conversation import (
     SCRIPT,
     conversation_lines,
@@ -92,7 +92,7 @@ def test_transcript_lines_and_the_recall_verdict():
 
 def _systems(**extra) -> dict:
     entry = {"recall_by_distance": {"1": 0.5}, "recall": 0.5, "chance": 0.05, **extra}
-    return {name: dict(entry) for name in report.SYSTEMS}
+    return {name: dict(entry) for name in report_markdown.SYSTEMS}
 
 
 def test_conversation_target():
@@ -105,7 +105,7 @@ def test_conversation_target():
 
 def test_report_tables_tolerate_older_entries():
     old = _systems()  # an older `rxt eval`: no per-kind recall, no error breakdown
-    assert report._kind_table(old) == [] and report._error_table(old) == []
+    assert report_markdown.kind_table(old) == [] and report_markdown.error_table(old) == []
     new = _systems(
         recall_by_kind={"dog_name": 0.5, "job": 1.0},
         probes_by_kind={"dog_name": 2, "job": 1},
@@ -113,13 +113,13 @@ def test_report_tables_tolerate_older_entries():
                 "other_pool": 0, "not_a_value": 0, "wrong_first_token": 1},
     )  # fmt: skip
     del new["rxt-memory-off"]["recall_by_kind"], new["stateless-current-turn"]["errors"]
-    kinds = report._kind_table(new)
+    kinds = report_markdown.kind_table(new)
     assert "| system | dog_name | job |" in kinds
     assert "| rxt | 0.50 | 1.00 |" in kinds and "| rxt-memory-off | – | – |" in kinds
-    errors = "\n".join(report._error_table(new))
+    errors = "\n".join(report_markdown.error_table(new))
     assert "| rxt | 1/3 | 1 | 0 | 0 | 0 | 1 |" in errors
     assert "stateless-current-turn" not in errors
-    section = "\n".join(report._conversation_section(ASKED))
+    section = "\n".join(report_markdown.conversation_section(ASKED))
     assert "## A conversation" in section and "| 3 | What is my favourite colour? |" in section
     assert "a b\\|c" in section and "✗ (expected green)" in section
-    assert report._conversation_section([]) == []
+    assert report_markdown.conversation_section([]) == []

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from rxt import ReactiveTransformer, RxTConfig
-from rxt.demo import synthetic_corpus
+from rxt.data.synthetic import synthetic_corpus
 from rxt.engine import (
     Conversation,
     Engine,
@@ -36,6 +36,7 @@ from rxt.engine import (
 )
 from rxt.engine import rows as rows_module
 from rxt.engine.rows import RowPool
+from rxt.engine.state import stm_to_bytes
 from rxt.generation import greedy_answer
 from rxt.tokenizer import RxTTokenizer
 
@@ -683,6 +684,70 @@ def test_state_of_another_model_is_refused(model: ReactiveTransformer, tok: RxTT
             mine.load_state(blob)
         assert torch.equal(committed(mine), before)
         finish(mine.send("Still fine?", max_new_tokens=4))  # and it keeps working
+
+
+def test_conversation_from_a_tensor_equals_one_from_its_bytes(model: ReactiveTransformer) -> None:
+    with Engine(model) as engine:
+        source = engine.conversation(seed=16)
+        finish(source.send("My name is Ada.", max_new_tokens=6))
+        stm = committed(source).clone()
+        blob = stm_to_bytes(stm, fingerprint=engine.fingerprint)
+        from_bytes = engine.conversation(state=blob, seed=3)
+        from_tensor = engine.conversation(stm=stm, seed=3)
+        unbatched = engine.conversation(stm=stm[0], seed=3)
+        for conv in (from_tensor, unbatched):
+            assert torch.equal(committed(conv), committed(from_bytes))
+            assert conv.turns == from_bytes.turns == 0
+        stm.zero_()  # the conversation holds a copy: the caller's tensor is the caller's
+        results = [
+            finish(c.send("What is my name?", max_new_tokens=8))
+            for c in (from_bytes, from_tensor, unbatched)
+        ]
+        assert results[0].token_ids == results[1].token_ids == results[2].token_ids
+        assert torch.equal(committed(from_tensor), committed(from_bytes))
+        assert torch.equal(committed(unbatched), committed(from_bytes))
+        # A system prompt given with a memory is recorded, not encoded again (as with state=).
+        prompted = engine.conversation(system_prompt="Be brief.", stm=committed(source))
+        assert torch.equal(committed(prompted), committed(source)) and prompted.turns == 0
+
+
+def test_conversation_stm_argument_is_validated(model: ReactiveTransformer) -> None:
+    with Engine(model) as engine:
+        stm = committed(engine.conversation(seed=17))
+        blob = engine.conversation(seed=17).export_state()
+        with pytest.raises(ValueError, match=r"state= .* or stm= .*, not both"):
+            engine.conversation(state=blob, stm=stm)
+        with pytest.raises(StateError, match=r"stm shape mismatch: .*got \(1, 2, 16, 64\)"):
+            engine.conversation(stm=stm[:, :, :16])
+        broken = stm.clone()
+        broken[0, 0, 0, 0] = float("nan")
+        with pytest.raises(StateError, match="stm holds non-finite values"):
+            engine.conversation(stm=broken)
+        with pytest.raises(TypeError, match="stm must be a tensor, got bytes"):
+            engine.conversation(stm=blob)
+        # Lower precision is cast to the model's, as a loaded state is.
+        half = engine.conversation(stm=stm.to(torch.bfloat16))
+        assert committed(half).dtype == model.dtype
+        assert torch.equal(committed(half), stm.to(torch.bfloat16).to(model.dtype))
+
+
+def test_verify_checksum_false_skips_only_the_blob_checksum(model: ReactiveTransformer) -> None:
+    with Engine(model) as engine:
+        conv = engine.conversation(seed=18)
+        finish(conv.send("Hello", max_new_tokens=4))
+        blob = conv.export_state()
+        tampered = bytearray(blob)
+        tampered[-5] ^= 0x01  # one tensor byte
+        with pytest.raises(StateError, match="checksum mismatch"):
+            engine.conversation(state=bytes(tampered))  # the default checks, as before
+        with pytest.raises(StateError, match="checksum mismatch"):
+            engine.conversation().load_state(bytes(tampered))
+        trusted = engine.conversation(state=blob, verify_checksum=False)
+        assert torch.equal(committed(trusted), committed(conv)) and trusted.turns == 1
+        with pytest.raises(StateError, match="another model"):  # other checks still run
+            engine.conversation(
+                state=blob.replace(engine.fingerprint.encode(), b"0" * 64), verify_checksum=False
+            )
 
 
 def test_system_prompt_is_encoded_as_turn_zero(model: ReactiveTransformer) -> None:

@@ -386,9 +386,9 @@ def test_recall_by_kind_matches_a_hand_count(model, tokenizer, monkeypatch, batc
 def test_stateless_report_has_the_same_per_kind_fields(tokenizer, monkeypatch):
     """The baseline's report is built by the same tally: same fields, same hand count."""
     pytest.importorskip("transformers")
-    import rxt.baselines.evaluate as stateless
+    import rxt.eval.stateless as stateless
     from rxt.baselines import build_baseline
-    from rxt.bench.stateless import llama_config_for
+    from rxt.baselines.llama import llama_config_for
 
     config = llama_config_for(RxTConfig.preset("tiny"), max_positions=256)
     baseline = build_baseline(config, seed=0).eval()

@@ -1,4 +1,4 @@
-"""Short-Term Memory: the memory update, the residual gate and STM_0 (rxt.memory; spec §3–4).
+"""Short-Term Memory: the memory update, the residual gate and STM_0 (rxt.model.memory; spec §3–4).
 
 Tolerances: float32 comparisons of two computations that should agree mathematically but take a
 different path (batching, padding, permutation) use ``atol = rtol = 1e-5``; values that must be
@@ -15,7 +15,7 @@ import torch
 
 from rxt import ReactiveTransformer, RxTConfig
 from rxt.config import MemoryConfig
-from rxt.memory import ResidualGate, StmInitializer
+from rxt.model.memory import ResidualGate, StmInitializer
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 
@@ -546,7 +546,7 @@ def test_write_gate_mixes_the_update_with_the_reference(variant: str, reference:
 
 
 def test_record_gates_sees_every_write_and_leaves_no_hook() -> None:
-    from rxt.memory.gate_stats import record_gates
+    from rxt.model.memory.gate_stats import record_gates
 
     model = _model()
     _randomize_gates(model, scale=0.3)

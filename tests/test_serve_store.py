@@ -17,8 +17,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from redis_support import redis_server
+from rxt.engine.state import stm_from_bytes, stm_to_bytes
 from rxt.serve.store import (
     StateStore,
     StoreConflict,
@@ -27,6 +29,7 @@ from rxt.serve.store import (
     open_store,
 )
 from rxt.serve.store_sqlite import SQLiteStore
+from state_support import flip_stored_byte
 
 ALICE, BOB = "owner-alice", "owner-bob"
 
@@ -180,6 +183,34 @@ def test_checksum_corruption_detected(make_store) -> None:
     with pytest.raises(StoreCorrupt, match=r"'c1' version 2"):
         store.get_version(ALICE, cid, 2)
     assert store.get_version(ALICE, cid, 1).state == b"good-1"
+
+
+def test_store_verified_stm_blob_needs_no_second_check(make_store) -> None:
+    """The server loads what the store returns without the blob's own tensor checksum: the
+    store's sha256 of the whole blob already caught any byte changed since the write."""
+    stm = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4) / 8 - 1.5
+    fingerprint = "f" * 64
+    blob = stm_to_bytes(stm, fingerprint=fingerprint, metadata={"turns": "1"})
+    store = make_store()
+    cid = store.create_conversation(ALICE, "c1")
+    store.append_version(ALICE, cid, 0, blob, {})
+    store.append_version(ALICE, cid, 1, blob, {})
+    stored = store.get_version(ALICE, cid, 1)
+    assert stored.state == blob
+    loaded, meta = stm_from_bytes(
+        stored.state, fingerprint=fingerprint, shape=(2, 3, 4), verify_checksum=False
+    )
+    assert torch.equal(loaded, stm) and meta == {"turns": "1"}
+    flip_stored_byte(
+        store, ALICE, cid, 2, len(blob) - 5
+    )  # a tensor byte, as the inner checksum covers
+    with pytest.raises(StoreCorrupt, match=r"'c1' version 2"):
+        store.get_version(ALICE, cid, 2)
+    with pytest.raises(StoreCorrupt, match=r"'c1' version 2"):
+        store.latest(ALICE, cid)
+    flip_stored_byte(store, ALICE, cid, 1, 20)  # a header byte, outside the tensor
+    with pytest.raises(StoreCorrupt, match=r"'c1' version 1"):
+        store.get_version(ALICE, cid, 1)
 
 
 def test_bind_and_lookup(make_store) -> None:

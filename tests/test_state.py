@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import struct
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 
 from rxt import ReactiveTransformer, RxTConfig
+from rxt.engine import state as state_module
 from rxt.engine.state import (
     FORMAT,
     FORMAT_VERSION,
@@ -21,8 +23,10 @@ from rxt.engine.state import (
     StateError,
     model_fingerprint,
     stm_from_bytes,
+    stm_from_tensor,
     stm_to_bytes,
 )
+from state_support import CountingHashlib
 
 
 def _model(seed: int = 0, **overrides: Any) -> ReactiveTransformer:
@@ -235,3 +239,128 @@ def test_refuses_non_finite_state(model, fp, stm, bad):
     data = stm_to_bytes(broken, fingerprint=fp)  # checksum matches: only the values are bad
     with pytest.raises(StateError, match="non-finite"):
         _load(data, model, fp)
+
+
+# ---------------------------------------------------------------------------- checksum opt-out
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> CountingHashlib:
+    counting = CountingHashlib()
+    monkeypatch.setattr(state_module, "hashlib", counting)
+    return counting
+
+
+def _tamper_tensor(blob: bytes) -> bytes:
+    tampered = bytearray(blob)
+    tampered[-5] ^= 0x01  # inside the tensor data, which ends the blob (no NaN or inf made)
+    return bytes(tampered)
+
+
+def test_checksum_is_recomputed_by_default_and_skipped_on_request(model, fp, stm, blob, hashes):
+    tensor_bytes = stm[0].numel() * stm.element_size()
+    loaded, meta = _load(blob, model, fp)
+    assert hashes.sizes == [tensor_bytes]  # the default: today's check, one hash
+    hashes.sizes.clear()
+    skipped, skipped_meta = _load(blob, model, fp, verify_checksum=False)
+    assert hashes.sizes == []  # no hash at all
+    assert torch.equal(skipped, loaded) and skipped_meta == meta == {"conversation": "c-1"}
+
+
+def test_skipping_the_checksum_skips_only_the_checksum(model, fp, stm, blob):
+    tampered = _tamper_tensor(blob)
+    with pytest.raises(StateError, match="checksum mismatch"):
+        _load(tampered, model, fp)  # the default still catches a tampered tensor
+    loaded, _ = _load(tampered, model, fp, verify_checksum=False)  # as documented: not checked
+    assert not torch.equal(loaded, stm)
+    # Every other check still runs.
+    nan = stm.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    refusals = [
+        (stm_to_bytes(nan, fingerprint=fp), fp, "non-finite"),
+        (blob, "0" * 64, "saved by another model"),
+        (_resave(blob, dtype="float16"), fp, "does not match its header"),
+        (_resave(blob, version="2"), fp, "unsupported rxt STM version"),
+        (blob[:-1], fp, "truncated or corrupt"),
+    ]
+    for data, fingerprint, message in refusals:
+        with pytest.raises(StateError, match=message):
+            _load(data, model, fingerprint, verify_checksum=False)
+    with pytest.raises(TypeError):
+        stm_from_bytes(blob, fp, model.config.stm_shape, None, None, False)  # keyword only
+
+
+# Written by stm_to_bytes as it was before verify_checksum and stm_from_tensor existed: a (2, 3, 4)
+# float32 tensor arange(24) / 8 - 1.5, fingerprint "f" * 64, metadata turns=3, c-old.
+OLD_BLOB = base64.b64decode(
+    "WAEAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJkdHlwZSI6ImZsb2F0MzIiLCJ0dXJucyI6IjMiLCJmb3JtYXQiOiJy"
+    "eHQtc3RtIiwiZmluZ2VycHJpbnQiOiJmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZm"
+    "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmIiwiY29udmVyc2F0aW9uX2lkIjoiYy1vbGQiLCJzaGFwZSI6IjIsMyw0Iiwi"
+    "Y2hlY2tzdW0iOiIxODU5YjE3ZTc2MjJmNTAzMTRkNzFjYjNmYjcwNTVlZDE1NTM4ODdmOGJiMDdlZGNmMWUxNWIz"
+    "YWJjMzJlZjU2IiwidmVyc2lvbiI6IjEifSwic3RtIjp7ImR0eXBlIjoiRjMyIiwic2hhcGUiOlsyLDMsNF0sImRh"
+    "dGFfb2Zmc2V0cyI6WzAsOTZdfX0gIAAAwL8AALC/AACgvwAAkL8AAIC/AABgvwAAQL8AACC/AAAAvwAAwL4AAIC+"
+    "AAAAvgAAAAAAAAA+AACAPgAAwD4AAAA/AAAgPwAAQD8AAGA/AACAPwAAkD8AAKA/AACwPw=="
+)
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size])
+
+
+def test_blob_written_before_the_change_loads_and_the_format_is_unchanged():
+    expected = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 8 - 1.5
+    for verify in (True, False):
+        loaded, meta = stm_from_bytes(
+            OLD_BLOB, fingerprint="f" * 64, shape=(2, 3, 4), verify_checksum=verify
+        )
+        assert torch.equal(loaded, expected.unsqueeze(0))
+        assert meta == {"turns": "3", "conversation_id": "c-old"}
+    # Today's writer makes the same blob (safetensors orders header keys at random, so the
+    # header is compared parsed): format "1", the checksum still written, the same bytes.
+    new = stm_to_bytes(
+        expected, fingerprint="f" * 64, metadata={"turns": "3", "conversation_id": "c-old"}
+    )
+    assert _header(new) == _header(OLD_BLOB)
+    assert _header(new)["__metadata__"]["version"] == FORMAT_VERSION == "1"
+    assert len(new) == len(OLD_BLOB) and new.endswith(OLD_BLOB[-96:])
+
+
+# ---------------------------------------------------------------------------- from a tensor
+@pytest.mark.parametrize("batched", [True, False])
+def test_stm_from_tensor_equals_the_bytes_path(model, fp, stm, blob, batched, hashes):
+    via_bytes, _ = _load(blob, model, fp, dtype=torch.float64)
+    hashes.sizes.clear()
+    direct = stm_from_tensor(
+        stm if batched else stm[0], shape=model.config.stm_shape, dtype=torch.float64
+    )
+    assert hashes.sizes == []  # no bytes, no hash
+    assert direct.shape == (1, *model.config.stm_shape) and direct.dtype == torch.float64
+    assert torch.equal(direct, via_bytes)
+
+
+def test_stm_from_tensor_copies(model, stm):
+    source = stm.clone()
+    direct = stm_from_tensor(source, shape=model.config.stm_shape)
+    source.zero_()  # the caller's tensor changing later must not change the memory
+    assert torch.equal(direct, stm) and direct.data_ptr() != source.data_ptr()
+    grad = stm.clone().requires_grad_()
+    assert not stm_from_tensor(grad, shape=model.config.stm_shape).requires_grad
+
+
+def test_stm_from_tensor_refuses_what_the_bytes_path_refuses(model, stm):
+    shape = model.config.stm_shape
+    with pytest.raises(
+        StateError, match=r"stm shape mismatch: .*= \(2, 32, 64\), got \(2, 2, 32, 64\)"
+    ):
+        stm_from_tensor(stm.expand(2, -1, -1, -1), shape=shape)
+    with pytest.raises(StateError, match=r"memory shape mismatch: .*got \(1, 2, 16, 64\)"):
+        stm_from_tensor(stm[:, :, :16], shape=shape, name="memory")
+    with pytest.raises(StateError, match=r"got \(32, 64\)"):
+        stm_from_tensor(stm[0, 0], shape=shape)
+    broken = stm.clone()
+    broken[0, 1, 2, 3] = float("inf")
+    with pytest.raises(StateError, match="stm holds non-finite values"):
+        stm_from_tensor(broken, shape=shape)
+    with pytest.raises(StateError, match=r"stm dtype torch\.int64 is not a floating-point"):
+        stm_from_tensor(torch.zeros(shape, dtype=torch.long), shape=shape)
+    with pytest.raises(TypeError, match="stm must be a tensor, got list"):
+        stm_from_tensor(stm.tolist(), shape=shape)

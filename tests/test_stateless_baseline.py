@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 
 from transformers import LlamaForCausalLM
 
+from rxt.baselines.llama import llama_config_for
 from rxt.bench.stateless import (
     StatelessConversation,
     TimedGeneration,
     build_stateless_baseline,
-    llama_config_for,
     timed_generate,
 )
 

@@ -145,7 +145,7 @@ def worker(out: Path, tokenizer_path: Path) -> None:
     rank = int(os.environ["RANK"])
     tokenizer = RxTTokenizer.from_file(tokenizer_path)
     writes = {"checkpoint": 0, "model": 0}
-    save_checkpoint, save_model = loop._save_checkpoint, ReactiveTransformer.save_pretrained
+    save_checkpoint, save_model = loop.save_checkpoint, ReactiveTransformer.save_pretrained
 
     def counting_checkpoint(*args, **kwargs):
         writes["checkpoint"] += 1
@@ -155,7 +155,7 @@ def worker(out: Path, tokenizer_path: Path) -> None:
         writes["model"] += 1
         return save_model(self, *args, **kwargs)
 
-    loop._save_checkpoint = counting_checkpoint
+    loop.save_checkpoint = counting_checkpoint
     ReactiveTransformer.save_pretrained = counting_model
     final = {}
 

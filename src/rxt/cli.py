@@ -66,9 +66,10 @@ def cmd_demo(
             workers=0 if quick else workers,
             plan=DemoPlan.quick() if quick else None,
             seeds=SEEDS[:2] if quick else SEEDS,
+            in_process=main,
         )
         return 0
-    run_demo(out or "runs/demo", quick=quick, workers=workers, ablations=ablations)
+    run_demo(out or "runs/demo", quick=quick, workers=workers, ablations=ablations, in_process=main)
     return 0
 
 

@@ -12,6 +12,7 @@ Typical use::
     train(model, stage, TrainConfig(steps=...), out_dir)       # rxt.training.loop
     model, tokenizer = load_baseline(out_dir / "model")        # + tokenizer.json, baseline.json
     report = evaluate_stateless(model, tokenizer, test_dialogues, "full", replies=True)
+    # rxt.eval.stateless: scored with RxT's protocol
 
 (:func:`matched_llama_config` + :func:`build_baseline` for other targets or contexts.)
 
@@ -19,7 +20,6 @@ Needs Hugging Face ``transformers`` (the ``bench`` extra).
 """
 
 from rxt.baselines.data import MODES, Mode, full_sequence, reply_prompts, scored_rows
-from rxt.baselines.evaluate import evaluate_stateless, greedy_replies
 from rxt.baselines.model import (
     BASELINE_FILE,
     MatchedLlama,
@@ -43,9 +43,7 @@ __all__ = [
     "StatelessStage",
     "build_baseline",
     "build_matched_baseline",
-    "evaluate_stateless",
     "full_sequence",
-    "greedy_replies",
     "llama_parameter_count",
     "load_baseline",
     "matched_llama_config",

@@ -1,6 +1,6 @@
 """A parameter-matched ``LlamaForCausalLM``: the stateless opponent for quality comparisons.
 
-:func:`rxt.bench.stateless.llama_config_for` gives a Llama of the RxT *decoder's* shape, which is
+:func:`rxt.baselines.llama.llama_config_for` gives a Llama of the RxT *decoder's* shape, which is
 the right opponent for latency (same per-token compute). For quality, the usual claim is "at the
 same parameter count": RxT also spends parameters on its encoder and memory attention, so the
 baseline here keeps that shape (width, heads, vocabulary, FFN width, norms, RoPE, tying) and
@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rxt.baselines.data import MODES, Mode, check_mode, full_sequence
-from rxt.bench.stateless import llama_config_for
+from rxt.baselines.llama import llama_config_for
 from rxt.config import RxTConfig
 from rxt.data.dialogue import Dialogue
 from rxt.tokenizer import TOKENIZER_FILE, RxTTokenizer
@@ -98,7 +98,7 @@ def matched_llama_config(
 
     Rule, in this order:
 
-    1. Start from :func:`rxt.bench.stateless.llama_config_for` (width, heads, head width,
+    1. Start from :func:`rxt.baselines.llama.llama_config_for` (width, heads, head width,
        vocabulary, tying, norms, RoPE, FFN width ``I₀`` of the decoder; for an MoE decoder
        ``I₀ = top_k · expert_dim``).
     2. Depth: the number of layers ``L ≥ 1`` whose count with ``I₀`` is closest to the target

@@ -11,9 +11,8 @@ from torch import nn
 
 from rxt.baselines.data import Mode, check_mode, full_sequence
 from rxt.data.dialogue import Dialogue
-from rxt.data.order import DialogueStream
+from rxt.data.order import DialogueStream, length_groups
 from rxt.tokenizer import RxTTokenizer, pad_sequences
-from rxt.training.smat import length_groups
 
 __all__ = ["StatelessBatch", "StatelessStage"]
 

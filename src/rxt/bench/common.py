@@ -32,7 +32,7 @@ def load_or_build(
         model = ReactiveTransformer(RxTConfig.preset(preset))
     if model.tokenizer is None:
         # Only needed to turn ids into text for the stream; any tokenizer within the vocabulary.
-        from rxt.demo import synthetic_corpus
+        from rxt.data.synthetic import synthetic_corpus
 
         vocab = min(model.config.vocab_size, 1024)
         model.tokenizer = RxTTokenizer.train(synthetic_corpus(2000, seed=seed), vocab_size=vocab)

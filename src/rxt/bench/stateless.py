@@ -7,10 +7,10 @@ attends over O(N·T) cached positions). RxT instead reads a fixed-size Short-Ter
 its per-turn cost does not depend on ``N``.
 
 The baseline here is Hugging Face ``transformers``' ``LlamaForCausalLM`` with random weights,
-sized by :func:`llama_config_for` to the RxT *decoder*: the same width ``d_model``, depth
-``num_layers``, self-attention heads (query, key/value and head width), SwiGLU feed-forward
-width (for an MoE decoder, the width of the experts a token actually runs through), RMSNorm,
-RoPE, vocabulary and embedding tying. The only thing it lacks is RxT's memory
+sized by :func:`rxt.baselines.llama.llama_config_for` to the RxT *decoder*: the same width
+``d_model``, depth ``num_layers``, self-attention heads (query, key/value and head width),
+SwiGLU feed-forward width (for an MoE decoder, the width of the experts a token actually runs
+through), RMSNorm, RoPE, vocabulary and embedding tying. The only thing it lacks is RxT's memory
 cross-attention, which is exactly the difference under test. It is a fair opponent because:
 
 * the architecture is the same family (pre-norm, RoPE, GQA, SwiGLU, RMSNorm) at the same size,
@@ -36,90 +36,28 @@ from dataclasses import dataclass
 import torch
 
 try:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+    from transformers import LlamaForCausalLM, PreTrainedModel
     from transformers.generation.streamers import BaseStreamer
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "rxt.bench.stateless needs Hugging Face transformers: pip install transformers"
     ) from exc
 
+from rxt.baselines.llama import BOS_ID, EOS_ID, PAD_ID, llama_config_for
 from rxt.config import RxTConfig
-from rxt.tokenizer import SPECIAL_TOKENS
 
 __all__ = [
     "StatelessConversation",
     "TimedGeneration",
     "build_stateless_baseline",
-    "llama_config_for",
     "timed_generate",
 ]
-
-PAD_ID = SPECIAL_TOKENS.index("[PAD]")
-BOS_ID = SPECIAL_TOKENS.index("[BOS]")
-EOS_ID = SPECIAL_TOKENS.index("[EOS]")
 
 
 def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def llama_config_for(config: RxTConfig, *, max_positions: int) -> LlamaConfig:
-    """A ``LlamaConfig`` matching the RxT decoder of ``config``, minus memory cross-attention.
-
-    Dimensions:
-
-    * ``hidden_size = d_model``, ``num_hidden_layers = num_layers``, ``vocab_size``,
-      ``rms_norm_eps = norm_eps``, RoPE base ``rope_theta``, ``tie_word_embeddings``, and
-      ``initializer_range = config.resolved_init_std`` (RxT's own init scale).
-    * Self-attention: ``num_attention_heads`` is the decoder's *query* head count ``H_q`` and
-      ``num_key_value_heads`` its ``H_kv``, with ``head_dim = d_model / H`` (``H`` =
-      ``num_heads``). Without SQA (``H_q = H``, the ``tiny`` and ``small`` presets) this is
-      plain MHA/GQA with ``H`` heads. With SQA (``H_q < H``, ``paper-nano``) the query and
-      output projections are ``d → H_q·d/H → d``, exactly as in RxT's decoder, so the two
-      self-attentions have the same parameters and the same score FLOPs per token.
-    * Feed-forward: SwiGLU with ``intermediate_size = decoder.ffn_dim`` for a dense decoder.
-      For an MoE decoder it is ``top_k * expert_dim``: a SwiGLU of that width has
-      ``3·d·top_k·expert_dim`` weights, the same parameters and FLOPs per token as the
-      ``top_k`` experts each token is routed through. The baseline thus matches RxT's
-      *active* (per-token) compute, not its total parameter count; the router (``d × E``)
-      and the idle experts have no counterpart.
-    * ``max_position_embeddings = max_positions``: the longest conversation (history + query
-      + reply) the baseline is meant to hold. Pick it from the benchmark's longest run, not
-      from ``config.max_seq_len``, which bounds one RxT interaction.
-    * ``bos/eos/pad_token_id`` are rxt's special ids ([BOS]=1, [EOS]=2, [PAD]=0); no biases;
-      SDPA attention.
-    """
-    if not isinstance(config, RxTConfig):
-        raise TypeError(f"config must be an RxTConfig, got {type(config).__name__}")
-    _check_positive_int(max_positions, "max_positions")
-    attn = config.decoder.self_attention
-    moe = config.decoder.moe
-    intermediate = moe.top_k * moe.expert_dim if moe is not None else config.decoder.ffn_dim
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=intermediate,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=attn.query_heads,
-        num_key_value_heads=attn.kv_heads,
-        head_dim=config.d_model // attn.num_heads,
-        hidden_act="silu",
-        max_position_embeddings=max_positions,
-        initializer_range=config.resolved_init_std,
-        rms_norm_eps=config.norm_eps,
-        use_cache=True,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=config.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        attention_bias=False,
-        attention_dropout=0.0,
-        mlp_bias=False,
-        attn_implementation="sdpa",
-    )
 
 
 def build_stateless_baseline(

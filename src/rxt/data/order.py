@@ -5,6 +5,9 @@ Position ``p`` of the stream holds example ``perm_e[p % n]`` of epoch ``e = p //
 a function of its index alone, a resumed run continues from the saved step with no iterator state,
 and two stages with the same tag and seed (SMAT and the stateless baselines) see the same
 examples at every step.
+
+:func:`length_groups` splits a batch's rows into runs of similar length, the same way for SMAT
+and the stateless baselines.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 from rxt.data.dialogue import Dialogue
 
-__all__ = ["DialogueRows", "DialogueStream", "EpochOrder"]
+__all__ = ["DialogueRows", "DialogueStream", "EpochOrder", "length_groups"]
 
 
 class EpochOrder:
@@ -83,3 +86,14 @@ class DialogueStream:
             for d in dialogues[: active[t]]
         ]
         return DialogueRows(chosen, dialogues, active, pairs)
+
+
+def length_groups(lengths: Sequence[int], groups: int) -> list[tuple[list[int], int]]:
+    """``lengths`` split into at most ``groups`` runs of rows of similar length (sorted, equal
+    counts): ``[(rows, longest), ...]``; one group keeps the rows in order."""
+    if groups <= 1:  # one pass, rows in their own order
+        return [(list(range(len(lengths))), max(lengths))]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = -(-len(order) // max(1, groups))
+    runs = [order[s : s + size] for s in range(0, len(order), size)]
+    return [(rows, max(lengths[r] for r in rows)) for rows in runs]

@@ -1,6 +1,5 @@
 """`rxt demo`: the end-to-end job (data, curriculum, baselines, evaluation, report)."""
 
-from rxt.demo.corpus import synthetic_corpus
 from rxt.demo.pipeline import run_demo
 
-__all__ = ["run_demo", "synthetic_corpus"]
+__all__ = ["run_demo"]

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +54,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _run_here(tasks: Sequence[Task], logs: Path) -> dict[str, float]:
+def _run_here(
+    tasks: Sequence[Task], logs: Path, command: Callable[[list[str]], int]
+) -> dict[str, float]:
     import contextlib
-
-    from rxt.cli import main
 
     finished: dict[str, float] = {}
     pending = list(tasks)
@@ -71,7 +71,7 @@ def _run_here(tasks: Sequence[Task], logs: Path) -> dict[str, float]:
             contextlib.redirect_stdout(fh),
             contextlib.redirect_stderr(fh),
         ):
-            code = main(list(task.args))
+            code = command(list(task.args))
         if code != 0:
             raise JobError(f"job {task.name!r} failed (exit code {code}); {log}:\n{_tail(log)}")
         finished[task.name] = time.perf_counter() - start
@@ -86,11 +86,13 @@ def run_tasks(
     workers: int = 2,
     progress: bool = True,
     description: str = "training",
+    in_process: Callable[[list[str]], int] | None = None,
 ) -> dict[str, float]:
     """Run ``tasks`` (a job starts once everything in its ``after`` has finished), at most
-    ``workers`` at a time; ``workers=0`` runs them one by one in this process (no start-up cost
-    per job: the quick demo). Returns each job's wall time in seconds. The first failure stops
-    the others and raises :class:`JobError`."""
+    ``workers`` at a time; ``workers=0`` runs them one by one in this process through
+    ``in_process`` (the ``rxt`` command's entry point, handed in by the command line so this
+    module never imports it; no start-up cost per job: the quick demo). Returns each job's wall
+    time in seconds. The first failure stops the others and raises :class:`JobError`."""
     names = {t.name for t in tasks}
     for task in tasks:
         missing = set(task.after) - names
@@ -98,7 +100,9 @@ def run_tasks(
             raise ValueError(f"job {task.name!r} waits for unknown job(s) {sorted(missing)}")
     logs.mkdir(parents=True, exist_ok=True)
     if workers == 0:
-        return _run_here(tasks, logs)
+        if in_process is None:
+            raise ValueError("workers=0 runs the jobs in this process: pass in_process")
+        return _run_here(tasks, logs, in_process)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     pending = list(tasks)
     running: dict[str, tuple[Task, subprocess.Popen, float]] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,10 @@ def run_long_demo(
     workers: int = 2,
     progress: bool = True,
     plan: DemoPlan | None = None,
+    in_process: Callable[[list[str]], int] | None = None,
 ) -> dict[str, Any]:
-    """Every seed's run, then the report over seeds (module docstring). ``plan``: for tests."""
+    """Every seed's run, then the report over seeds (module docstring). ``plan``: for tests;
+    ``in_process``: as in :func:`~rxt.demo.jobs.run_tasks` (needed for ``workers=0``)."""
     from rxt.demo.pipeline import run_jobs, train_tokenizer, write_run
 
     plan = plan or DemoPlan.long()
@@ -143,7 +146,9 @@ def run_long_demo(
         train_tokenizer(plan, run, write_run(plan, run, seed))
         tasks += run_jobs(plan, run, shakespeare=False, prefix=f"seed{seed}-", skip=SKIP)
         print(f"[seed {seed}] data and tokenizer in {run}", flush=True)
-    job_times = run_tasks(tasks, out / "logs", workers=workers, progress=progress)
+    job_times = run_tasks(
+        tasks, out / "logs", workers=workers, progress=progress, in_process=in_process
+    )
     per_seed = [eval_systems(out / f"seed-{s}" / "eval", names=MODELS) for s in seeds]
     per_seed_long = [eval_systems(out / f"seed-{s}" / "eval", "long-", MODELS) for s in seeds]
     recall, long = aggregate(per_seed), aggregate(per_seed_long)

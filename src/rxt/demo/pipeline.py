@@ -20,6 +20,7 @@ import dataclasses
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,10 +264,13 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     ablations: bool = False,
+    in_process: Callable[[list[str]], int] | None = None,
 ) -> dict[str, Any]:
     """The demo (module docstring). ``workers``: training processes of one thread each (two on
     two cores: one trains the RxT chain, the other the two baselines).
-    ``ablations``: also train and evaluate the two ablations (about 1.5 x the time)."""
+    ``ablations``: also train and evaluate the two ablations (about 1.5 x the time).
+    ``in_process``: the ``rxt`` entry point; given, the quick demo runs its jobs in this
+    process (see :func:`~rxt.demo.jobs.run_tasks`)."""
     plan = dataclasses.replace(DemoPlan.quick() if quick else DemoPlan(), ablations=ablations)
     out = Path(out)
     started = time.perf_counter()
@@ -287,13 +291,17 @@ def run_demo(
     train_tokenizer(plan, out, data)
     timings["tokenizer"] = time.perf_counter() - clock
 
-    if quick:
+    if quick and in_process is not None:
         workers = 0  # in this process: start-up costs more than the quick jobs themselves
     where = f"{workers} worker processes" if workers else "in this process"
     step(f"3/7 training and evaluation ({where}, logs in {out / 'logs'})")
     clock = time.perf_counter()
     job_times = run_tasks(
-        run_jobs(plan, out, shakespeare), out / "logs", workers=workers, progress=progress
+        run_jobs(plan, out, shakespeare),
+        out / "logs",
+        workers=workers,
+        progress=progress,
+        in_process=in_process,
     )
     timings["train_and_eval"] = time.perf_counter() - clock
 

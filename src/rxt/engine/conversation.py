@@ -139,8 +139,11 @@ class Conversation:
         meta = {"turns": str(self.turns), "conversation_id": self.id}
         return stm_to_bytes(self._stm, fingerprint=self.engine.fingerprint, metadata=meta)
 
-    def load_state(self, data: bytes) -> None:
-        """Replace the memory with an exported state (refused if another model saved it)."""
+    def load_state(self, data: bytes, *, verify_checksum: bool = True) -> None:
+        """Replace the memory with an exported state (refused if another model saved it).
+
+        ``verify_checksum=False``: see :func:`~rxt.engine.state.stm_from_bytes` — only for
+        bytes just verified otherwise (a store's whole-blob sha256)."""
         self._wait_idle()
         model = self.engine.model
         stm, meta = stm_from_bytes(
@@ -149,6 +152,7 @@ class Conversation:
             shape=model.config.stm_shape,
             device=model.device,
             dtype=model.dtype,
+            verify_checksum=verify_checksum,
         )
         self._stm, self._error = stm, None
         turns = meta.get("turns", "0")

@@ -22,7 +22,7 @@ import torch
 from rxt.engine.conversation import Conversation, UpdateListener
 from rxt.engine.rows import RowPool
 from rxt.engine.sampling import SamplingParams
-from rxt.engine.state import model_fingerprint
+from rxt.engine.state import model_fingerprint, stm_from_tensor
 from rxt.engine.stream import TurnRequest
 from rxt.engine.updater import MemoryUpdater, set_intra_op_threads
 from rxt.model.reactive_transformer import ReactiveTransformer
@@ -109,16 +109,37 @@ class Engine:
         *,
         seed: int | None = None,
         state: bytes | None = None,
+        stm: torch.Tensor | None = None,
+        verify_checksum: bool = True,
         on_update: UpdateListener | None = None,
     ) -> Conversation:
-        """A new conversation, from STM_0 (encoding ``system_prompt`` as turn 0) or from an
-        exported ``state``. ``seed`` makes STM_0 and sampling reproducible."""
+        """A new conversation, from STM_0 (encoding ``system_prompt`` as turn 0), from an
+        exported ``state``, or from an STM tensor ``stm`` ``(1, L, S, d)`` or ``(L, S, d)``.
+        ``seed`` makes STM_0 and sampling reproducible.
+
+        A ``state`` or ``stm`` is the memory to resume: ``system_prompt`` is then recorded but
+        not encoded again. ``stm`` is checked like a loaded state (shape, floating point,
+        finite; StateError otherwise) and copied to the model's device and dtype; it carries
+        no fingerprint, so that it came from this model is the caller's word. With ``state``,
+        ``verify_checksum=False`` skips only the blob's tensor checksum, for bytes the caller
+        has just verified otherwise (:func:`~rxt.engine.state.stm_from_bytes`)."""
         if self._closing:
             raise RuntimeError("engine is closed")
-        conv = Conversation(self, system_prompt=system_prompt, seed=seed, on_update=on_update)
+        if state is not None and stm is not None:
+            raise ValueError("pass state= (exported bytes) or stm= (a tensor), not both")
+        if stm is not None:
+            # Checked before the conversation exists, so a bad tensor leaves nothing behind;
+            # given to the constructor, so no STM_0 is drawn only to be replaced.
+            model = self.model
+            stm = stm_from_tensor(
+                stm, shape=model.config.stm_shape, device=model.device, dtype=model.dtype
+            )
+        conv = Conversation(
+            self, system_prompt=system_prompt, seed=seed, stm=stm, on_update=on_update
+        )
         if state is not None:
-            conv.load_state(state)
-        elif system_prompt:
+            conv.load_state(state, verify_checksum=verify_checksum)
+        elif stm is None and system_prompt:
             conv._start_system_prompt()
         return conv
 

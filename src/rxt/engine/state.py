@@ -4,8 +4,15 @@ Between turns a conversation *is* its STM ``(L, S, d)``, so storing those bytes 
 loading them resumes it — on another process or machine. An STM is meaningful only to the
 weights that wrote it: one of the right shape from another model (a different checkpoint, or
 the same one fine-tuned) loads without complaint and then decodes nonsense. Every blob
-therefore carries the writing model's fingerprint and a checksum of its tensor bytes, and
+therefore carries the writing model's fingerprint and a sha256 checksum of its tensor bytes, and
 :func:`stm_from_bytes` refuses anything that does not match, with a one-line reason.
+
+The checksum is recomputed on every load unless the caller passes ``verify_checksum=False``,
+which is for bytes whose integrity was just verified some other way: the server's state store
+keeps a sha256 of the whole blob (which covers the tensor bytes) and checks it on every read,
+so checking the tensor bytes again would only hash them twice. Every other check (format,
+fingerprint, shape, dtype, finite values) runs either way. :func:`stm_from_tensor` applies the
+same shape and value checks to an STM that is already a tensor, with no bytes in between.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ RESERVED_KEYS = frozenset({"format", "version", "fingerprint", "shape", "dtype",
 
 
 class StateError(ValueError):
-    """A serialised STM that cannot be used with this model (message says why)."""
+    """An STM (serialised, or a tensor) that cannot be used with this model (message says why)."""
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -40,6 +47,16 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(_raw(t)).hexdigest()
+
+
+def _require_finite(what: str, t: torch.Tensor) -> None:
+    # One NaN in the memory spreads to every later answer and update: refuse it at the door.
+    if not torch.isfinite(t).all():
+        raise StateError(f"{what} holds non-finite values (NaN or inf)")
 
 
 def model_fingerprint(model: ReactiveTransformer) -> str:
@@ -86,7 +103,8 @@ def stm_to_bytes(
         "fingerprint": fingerprint,
         "shape": ",".join(str(n) for n in tensor.shape),
         "dtype": _dtype_name(tensor.dtype),
-        "checksum": hashlib.sha256(_raw(tensor)).hexdigest(),
+        # Always written, whoever reads it: readers of format 1 (older rxt included) need it.
+        "checksum": _checksum(tensor),
     }
     return save({TENSOR_NAME: tensor}, metadata={**extra, **header})
 
@@ -111,11 +129,15 @@ def stm_from_bytes(
     shape: tuple[int, int, int],
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    verify_checksum: bool = True,
 ) -> tuple[torch.Tensor, dict[str, str]]:
     """Inverse of :func:`stm_to_bytes`: ``(stm (1, L, S, d), caller metadata)``.
 
     ``fingerprint`` and ``shape`` (``config.stm_shape``) describe the model that will use the
-    state; anything saved by another model, altered, or not finite raises :class:`StateError`."""
+    state; anything saved by another model, altered, or not finite raises :class:`StateError`.
+    ``verify_checksum=False`` skips recomputing the tensor checksum, and only that: pass it
+    only for ``data`` whose bytes were verified just before (as the server's store does with
+    a sha256 of the whole blob); altered tensor bytes are otherwise not detected."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise StateError(f"serialised STM must be bytes, got {type(data).__name__}")
     tensors, meta = _parse(bytes(data))
@@ -144,9 +166,40 @@ def stm_from_bytes(
         raise StateError(
             f"STM dtype {tensor.dtype} does not match its header {meta.get('dtype')!r}"
         )
-    if hashlib.sha256(_raw(tensor)).hexdigest() != meta.get("checksum"):
+    if verify_checksum and _checksum(tensor) != meta.get("checksum"):
         raise StateError("STM checksum mismatch: the tensor bytes were altered after saving")
-    if not torch.isfinite(tensor).all():
-        raise StateError("STM holds non-finite values (NaN or inf)")
+    _require_finite("STM", tensor)
     extra = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     return tensor.to(device=device, dtype=dtype).unsqueeze(0), extra
+
+
+def stm_from_tensor(
+    stm: torch.Tensor,
+    *,
+    shape: tuple[int, int, int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    name: str = "stm",
+) -> torch.Tensor:
+    """One conversation's STM ``(1, L, S, d)`` or ``(L, S, d)`` as a checked ``(1, L, S, d)``
+    copy on ``device``/``dtype`` — what :func:`stm_from_bytes` returns, without the bytes.
+
+    ``shape`` is ``config.stm_shape``; a tensor of another shape, not floating point, or with
+    a NaN or inf raises :class:`StateError` naming ``name`` (the caller's argument). A tensor
+    carries no fingerprint: that it belongs to this model is the caller's word. The result is
+    a copy, so the caller's tensor and the conversation's memory never alias."""
+    if not isinstance(stm, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(stm).__name__}")
+    got = tuple(stm.shape)
+    tensor = stm.detach()
+    if tensor.dim() == 4 and got[0] == 1:
+        tensor = tensor[0]
+    if tuple(tensor.shape) != tuple(shape):
+        raise StateError(
+            f"{name} shape mismatch: expected one conversation's (1, L, S, d) or (L, S, d) "
+            f"with (L, S, d) = {tuple(shape)}, got {got}"
+        )
+    if not tensor.is_floating_point():
+        raise StateError(f"{name} dtype {tensor.dtype} is not a floating-point type")
+    _require_finite(name, tensor)
+    return tensor.to(device=device, dtype=dtype, copy=True).unsqueeze(0)

@@ -25,7 +25,7 @@ __all__ = ["RecallCurve"]
 @dataclass
 class RecallCurve:
     """``mode``: None for an RxT model (its own memory), ``"full"`` or ``"current"`` for a
-    stateless baseline (:func:`rxt.baselines.evaluate_stateless`)."""
+    stateless baseline (:func:`rxt.eval.stateless.evaluate_stateless`)."""
 
     dialogues: Sequence[Dialogue]
     tokenizer: RxTTokenizer
@@ -49,7 +49,7 @@ class RecallCurve:
             return evaluate_dialogues(
                 model, self.tokenizer, self.dialogues, max_new_tokens=self.max_new_tokens
             )
-        from rxt.baselines import evaluate_stateless
+        from rxt.eval.stateless import evaluate_stateless
 
         return evaluate_stateless(
             model, self.tokenizer, self.dialogues, self.mode, max_new_tokens=self.max_new_tokens

@@ -26,7 +26,7 @@ from rxt.data.dialogue import Dialogue
 from rxt.eval.errors import recall_errors
 from rxt.eval.recall import RecallReport, evaluate_dialogues
 from rxt.eval.reward import TextEmbedder, dialogue_rewards, reward_summary
-from rxt.memory.gate_stats import record_gates
+from rxt.model.memory.gate_stats import record_gates
 from rxt.tokenizer import RxTTokenizer
 
 __all__ = ["SYSTEM_NAMES", "evaluate_model_dir", "summary_lines", "system_entry"]
@@ -133,7 +133,8 @@ def evaluate_model_dir(
     path = Path(path)
     systems: dict[str, dict[str, Any]] = {}
     if _model_type(path) != "rxt":
-        from rxt.baselines import evaluate_stateless, load_baseline
+        from rxt.baselines import load_baseline
+        from rxt.eval.stateless import evaluate_stateless
 
         model, tokenizer = load_baseline(path, device=device)
         if model.mode is None:

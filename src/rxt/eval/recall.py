@@ -119,7 +119,7 @@ def donor(lengths: Sequence[int], i: int, t: int) -> tuple[int, int]:
 class ProbeTally:
     """Exact-match counts of scored probes, by distance and by kind.
 
-    Every evaluator (RxT here, the stateless baselines in :mod:`rxt.baselines.evaluate`) scores
+    Every evaluator (RxT here, the stateless baselines in :mod:`rxt.eval.stateless`) scores
     its replies through this one class, so their reports agree in form and in rule."""
 
     def __init__(self) -> None:
@@ -174,7 +174,7 @@ class _Totals:
 
 def check_eval_args(tokenizer, dialogues, batch_size, max_new_tokens) -> list[Dialogue]:
     """The checks every system's evaluation shares (RxT here, the stateless baselines in
-    :mod:`rxt.baselines.evaluate`); returns the dialogues as a list."""
+    :mod:`rxt.eval.stateless`); returns the dialogues as a list."""
     if not isinstance(tokenizer, RxTTokenizer):
         raise TypeError(f"tokenizer must be an RxTTokenizer, got {type(tokenizer).__name__}")
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):

@@ -10,7 +10,7 @@ concat(X_t, Y_t)   ``interaction_ids``                           (B, T)
 STM_{t-1}, STM_t   ``stm`` in / ``stm_next`` out                 (B, L, S, d)
 STM_0              ``initial_stm(batch_size)``                   (B, L, S, d)
 ED_t               ``encode(interaction_ids)``                   (B, L, T, d)
-G                  ``rxt.memory.gate.ResidualGate``              per feature or per slot
+G                  ``rxt.model.memory.gate.ResidualGate``              per feature or per slot
 Update             output of ``MemoryAttentionLayer.write``      (B, S, d)
 H, H_q, H_kv       ``AttentionConfig`` head counts               —
 L, S, d            ``num_layers``, ``memory.num_slots``, ``d_model``  —
@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.memory.memory_attention import MemoryAttention
-from rxt.memory.stm import StmInitializer
 from rxt.model.attention import padding_mask
 from rxt.model.cache import KVCache, MemoryKV
 from rxt.model.decoder import DecodeContext, GeneratorDecoder
 from rxt.model.encoder import MemoryEncoder, MLMHead
 from rxt.model.feedforward import MoEFeedForward
+from rxt.model.memory.memory_attention import MemoryAttention
+from rxt.model.memory.stm import StmInitializer
 
 if TYPE_CHECKING:
     from rxt.tokenizer import RxTTokenizer
@@ -353,19 +353,19 @@ class ReactiveTransformer(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write ``config.json``, ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
-        from rxt.checkpoint import save_pretrained
+        from rxt.model.checkpoint import save_pretrained
 
         save_pretrained(self, directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> ReactiveTransformer:
         """Load from a local directory (offline) or a Hugging Face Hub repo id."""
-        from rxt.checkpoint import load_pretrained
+        from rxt.model.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload to the Hugging Face Hub (needs network and a token). Returns the commit URL."""
-        from rxt.checkpoint import push_to_hub
+        from rxt.model.checkpoint import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

@@ -17,15 +17,9 @@ from rxt.engine import SamplingParams
 from rxt.serve import openai_format as fmt
 from rxt.serve.errors import APIError, bad_request
 from rxt.serve.schemas import ChatCompletionRequest
-from rxt.serve.service import (
-    ActiveTurn,
-    FromConversation,
-    FromKey,
-    NewConversation,
-    TurnService,
-    TurnSpec,
-)
+from rxt.serve.service import TurnService
 from rxt.serve.transcript import content_text, next_prefix_key, parse_messages, prefix_keys
+from rxt.serve.turn import ActiveTurn, FromConversation, FromKey, NewConversation, TurnSpec
 
 router = APIRouter()
 CONVERSATION_HEADER = "X-RxT-Conversation-Id"

@@ -17,16 +17,10 @@ from rxt.serve import openai_format as fmt
 from rxt.serve.errors import APIError, bad_request, not_found
 from rxt.serve.routes_chat import check_model, sampling_of, turn_headers
 from rxt.serve.schemas import ResponseRequest
-from rxt.serve.service import (
-    ActiveTurn,
-    FromConversation,
-    FromKey,
-    NewConversation,
-    TurnService,
-    TurnSpec,
-)
+from rxt.serve.service import TurnService
 from rxt.serve.settings import Limits
 from rxt.serve.transcript import Transcript, content_text, parse_messages
+from rxt.serve.turn import ActiveTurn, FromConversation, FromKey, NewConversation, TurnSpec
 
 router = APIRouter()
 RESPONSE_KEY = "resp:"

@@ -1,12 +1,12 @@
 """Turns on stored conversations: where a turn starts, how it runs, and how its state is kept.
 
-The HTTP routes describe a turn (:class:`TurnSpec`); :meth:`TurnService.start` finds the state
-it continues from, replays any earlier turns the server has not seen, and sends the query to the
-batched :class:`~rxt.engine.Engine`. The route streams the answer; :meth:`ActiveTurn.seal` then
-binds the turn's alias keys (response id, transcript hash) as *pending* on the version about to
-be written, before the client hears ``[DONE]``; after the response, the turn's own task
-(:meth:`TurnService.finish`) waits for the engine's asynchronous memory update and appends the
-new STM as the next version with a compare-and-set.
+The HTTP routes describe a turn (:class:`~rxt.serve.turn.TurnSpec`); :meth:`TurnService.start`
+finds the state it continues from, replays any earlier turns the server has not seen, and sends
+the query to the batched :class:`~rxt.engine.Engine`. The route streams the answer; the turn
+(:meth:`rxt.serve.turn.ActiveTurn.seal`) then binds its alias keys (response id, transcript
+hash) as *pending* on the version about to be written, before the client hears ``[DONE]``;
+after the response, the turn's own task (:meth:`TurnService.finish`) waits for the engine's
+asynchronous memory update and appends the new STM as the next version with a compare-and-set.
 
 Ordering guarantees:
 
@@ -28,247 +28,32 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rxt.engine import Engine, EngineError, SamplingParams, StateError, TurnResult
+from rxt.engine import Engine, EngineError, SamplingParams, StateError
 from rxt.engine.conversation import Conversation
-from rxt.engine.state import stm_to_bytes
-from rxt.engine.stream import TurnStream
-from rxt.serve.errors import APIError, bad_request, not_found, store_status
+from rxt.serve.errors import APIError, bad_request, not_found
+from rxt.serve.locks import LockTable
 from rxt.serve.metrics import Metrics
 from rxt.serve.settings import ServerSettings
 from rxt.serve.store import StateStore, StoreConflict
+from rxt.serve.turn import (
+    NEXT_KEY,
+    ActiveTurn,
+    FromConversation,
+    FromKey,
+    NewConversation,
+    TurnSpec,
+)
 
 log = logging.getLogger("rxt.serve")
 
-NEXT_KEY = "next:"  # pending binding of a conversation's turn in progress
 _POLL_S = 0.01
-_END = object()
 _WAIT = object()  # "another process is committing what this needs: ask again shortly"
-
-
-# ---------------------------------------------------------------------------- where a turn starts
-@dataclass(frozen=True)
-class NewConversation:
-    system: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FromConversation:
-    """Continue a conversation at its latest version (``create``: make it if missing)."""
-
-    conversation_id: str
-    create: bool = False
-    system: str | None = None  # for a conversation created here
-
-
-@dataclass(frozen=True)
-class FromKey:
-    """Continue from the version an alias key points at (a response id, a transcript hash);
-    a version older than the conversation's latest forks it."""
-
-    key: str
-    what: str  # for the 404 message: "response"
-    ident: str
-    param: str | None = None
-
-
-Start = NewConversation | FromConversation | FromKey
-
-
-@dataclass
-class TurnSpec:
-    owner: str
-    query: str
-    sampling: SamplingParams  # its max_new_tokens is replaced by max_tokens' resolution
-    max_tokens: int | None  # None: as many as the model's max_seq_len leaves (capped)
-    api: str  # "chat" | "responses"
-    start: Start
-    system: str | None = None  # instructions given with a continuation: must match the stored
-    replay: list[tuple[str, str]] = field(default_factory=list)  # earlier turns to encode first
-    replay_keys: list[list[str]] = field(default_factory=list)  # alias keys of each replayed turn
-    keys: Callable[[str], list[str]] = lambda reply: []  # alias keys of the new state
-    record: dict[str, Any] = field(default_factory=dict)  # extra fields of the stored turn
-    commit: bool = True  # False: answer only, store nothing (``store: false``)
-
-
-# ---------------------------------------------------------------------------- locks
-class LockTable:
-    """One asyncio lock per (owner, conversation), dropped when nobody holds or awaits it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], list] = {}
-
-    async def acquire(self, key: tuple[str, str]) -> None:
-        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            await entry[0].acquire()
-        except BaseException:
-            self._drop(key, entry)
-            raise
-
-    def release(self, key: tuple[str, str]) -> None:
-        entry = self._locks[key]
-        entry[0].release()
-        self._drop(key, entry)
-
-    def _drop(self, key: tuple[str, str], entry: list) -> None:
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._locks[key]
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-# ---------------------------------------------------------------------------- a running turn
-class ActiveTurn:
-    """One turn being answered: iterate :meth:`text`, then read :meth:`result`."""
-
-    def __init__(
-        self,
-        service: TurnService,
-        spec: TurnSpec,
-        conversation_id: str,
-        base_version: int,
-        conv: Conversation,
-        stream: TurnStream,
-        started_at: float,
-        system: str | None,
-    ) -> None:
-        self.service = service
-        self.spec = spec
-        self.conversation_id = conversation_id
-        self.base_version = base_version  # the stored version this turn continues
-        self.version = base_version + 1  # the version its state will be (unless forked)
-        self.system = system
-        self.conv = conv
-        self.stream = stream
-        self._ready = asyncio.Event()  # set from engine threads: tokens, end, update done
-        self._started_at = started_at
-        self._first_at: float | None = None
-        self._keys: list[str] = []
-        self._result: TurnResult | None = None
-        self.turn = stream.turn
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._pump())
-        service.background.add(self.task)
-        self.task.add_done_callback(service.background.discard)
-        self.created = int(time.time())
-
-    async def text(self) -> AsyncIterator[str]:
-        """The answer's text as it is generated (pieces that arrive together come as one).
-        It ends after :meth:`seal`, so the caller's final event follows the pending binds."""
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def abandon(self) -> None:
-        """The client went away: stop generating (what was generated is still committed)."""
-        if not self.stream.finished:
-            self.stream.cancel()
-
-    def result(self) -> TurnResult:
-        """The finished turn (call once the answer has ended); built once, then reused."""
-        if self._result is None:
-            self._result = self.stream.result()
-        return self._result
-
-    async def _pump(self) -> None:
-        """Runs as a task of its own, so the turn is sealed, committed and its conversation
-        released whatever happens to the HTTP response that reads it."""
-        try:
-            async for text in self._pieces():
-                self._queue.put_nowait(text)
-            await self.seal()
-            self._queue.put_nowait(_END)
-        except APIError as exc:
-            self._queue.put_nowait(exc)
-        except Exception as exc:  # the store failed while sealing: the client hears why
-            log.exception("turn %d of conversation %s failed", self.turn, self.conversation_id)
-            status, message = store_status(exc)
-            self._queue.put_nowait(APIError(status, message))
-        except BaseException as exc:
-            self._queue.put_nowait(APIError(503, "the server is shutting down"))
-            raise exc
-        finally:
-            self.stream.cancel()  # a no-op once the answer is complete
-            await self.service.finish(self)
-
-    async def _pieces(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        ready = self._ready
-
-        def wake() -> None:  # engine thread: must never raise into the decoder
-            # Already set: the loop has not polled since, and will see this event too (it is
-            # queued before this check) — skip the cross-thread call, one syscall per token.
-            if ready.is_set():
-                return
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
-                loop.call_soon_threadsafe(ready.set)
-
-        self.stream.on_event(wake)
-        while True:
-            ready.clear()
-            try:
-                pieces, done = self.stream.poll()
-            except EngineError as exc:
-                raise APIError(503, f"generation failed: {exc}", code="engine_error") from exc
-            if pieces and self._first_at is None:
-                self._first_at = time.perf_counter()
-                self.service.metrics.ttft.observe(self._first_at - self._started_at)
-            text = "".join(p.text for p in pieces)
-            if text:
-                yield text
-            if done:
-                return
-            if not pieces:
-                await ready.wait()
-
-    async def seal(self) -> None:
-        """Bind the turn's keys as pending on its next version: from now on any process that
-        looks one up waits for the commit instead of missing it."""
-        result = self.result()
-        metrics = self.service.metrics
-        metrics.tokens.inc(len(result.token_ids))
-        if len(result.token_ids) > 1 and result.reply_s > result.ttft_s:
-            metrics.tokens_per_second.observe(
-                (len(result.token_ids) - 1) / (result.reply_s - result.ttft_s)
-            )
-        metrics.turns.labels(self.spec.api).inc()
-        if not self.spec.commit:
-            return
-        self._keys = [*self.spec.keys(result.text), NEXT_KEY + self.conversation_id]
-        for key in self._keys:
-            self.service.pending[self.spec.owner, key] = self
-        await self.service.run(self.service.bind_pending, self)
-
-    def stored_turn(self, result: TurnResult) -> dict[str, Any]:
-        return {
-            "turn": self.turn,
-            "user": self.spec.query,
-            "assistant": result.text,
-            "finish_reason": result.finish_reason,
-            "api": self.spec.api,
-            "usage": {
-                "input_tokens": result.prompt_tokens,
-                "output_tokens": len(result.token_ids),
-            },
-            "created_at": self.created,
-            "keys": self._keys,
-            **self.spec.record,
-        }
 
 
 # ---------------------------------------------------------------------------- the service
@@ -564,9 +349,7 @@ class TurnService:
                     raise APIError(409, f"conversation {cid!r} forked from one since deleted")
                 return self._load(owner, parent["conversation_id"], parent["version"], {})
             gen = torch.Generator().manual_seed(int(meta.get("stm_seed", 0)))
-            stm = engine.model.initial_stm(1, generator=gen)
-            state = stm_to_bytes(stm, fingerprint=engine.fingerprint, metadata={"turns": "0"})
-            conv = engine.conversation(state=state)
+            conv = engine.conversation(stm=engine.model.initial_stm(1, generator=gen))
             if meta.get("system"):
                 try:
                     conv.absorb_system(meta["system"])
@@ -579,7 +362,10 @@ class TurnService:
                 404, f"conversation {cid!r} version {version} is no longer stored (retention)"
             )
         try:
-            return engine.conversation(state=stored.state)
+            # The store has just checked the sha256 of the whole blob, taken when it was
+            # appended; every blob appended here came from export_state, whose checksum was
+            # right then. Hashing the tensor bytes again for that checksum would find nothing.
+            return engine.conversation(state=stored.state, verify_checksum=False)
         except StateError as exc:
             raise APIError(409, f"conversation {cid!r}: {exc}", code="state_mismatch") from exc
 
@@ -592,7 +378,7 @@ class TurnService:
     # ------------------------------------------------------------------ seal and finish
     def bind_pending(self, turn: ActiveTurn) -> None:
         self.store.bind_many(
-            turn.spec.owner, turn._keys, turn.conversation_id, turn.version, pending=True
+            turn.spec.owner, turn.bound_keys, turn.conversation_id, turn.version, pending=True
         )
 
     async def finish(self, turn: ActiveTurn) -> None:
@@ -603,9 +389,9 @@ class TurnService:
                     await self.run(self.store.delete_conversation, owner, cid)
                 return
             while not turn.stream.update_finished:
-                turn._ready.clear()
+                turn.ready.clear()
                 if not turn.stream.update_finished:
-                    await turn._ready.wait()
+                    await turn.ready.wait()
             timing = turn.stream.wait_update(0)  # EngineError if the update failed
             if timing is None:
                 raise EngineError("the turn ended before it started: nothing to store")
@@ -614,9 +400,9 @@ class TurnService:
         except Exception:
             self.metrics.commit_failures.inc()
             log.exception("turn %d of conversation %s not stored", turn.turn, cid)
-            await self.run(self._unbind, owner, turn._keys)
+            await self.run(self._unbind, owner, turn.bound_keys)
         finally:
-            for key in turn._keys:
+            for key in turn.bound_keys:
                 if self.pending.get((owner, key)) is turn:
                     del self.pending[owner, key]
             self.locks.release((owner, cid))
@@ -635,7 +421,7 @@ class TurnService:
         new = self._create(owner, turn.system, {}, forked_from=parent, seed=seed)
         self.metrics.forks.inc()
         self._append(owner, new, 0, state, record)
-        moved = [key for key in turn._keys if not key.startswith(NEXT_KEY)]
+        moved = [key for key in turn.bound_keys if not key.startswith(NEXT_KEY)]
         self.store.bind_many(owner, moved, new, 1)
         log.warning("conversation %s: concurrent turn; this one was forked into %s", cid, new)
 

@@ -11,9 +11,13 @@ keeps one state blob per turn here. The store treats a state as opaque bytes and
 * **Atomic writes.** A version is stored entirely (state, checksum, turn, new latest number)
   or not at all, so a crash leaves the previous version intact and readable.
 * **Verified reads.** Every version carries the sha256 of its state bytes, recomputed on each
-  read; a mismatch raises :class:`StoreCorrupt` naming conversation and version, so damaged
-  bytes never reach the model. (:func:`rxt.engine.state.stm_from_bytes` then checks shape,
-  dtype and model fingerprint.)
+  read whatever the payload; a mismatch raises :class:`StoreCorrupt` naming conversation and
+  version, so damaged bytes never reach the model. This check covers every byte of an STM
+  blob, the tensor bytes its own checksum covers included, so the server then loads it with
+  :func:`rxt.engine.state.stm_from_bytes` ``(..., verify_checksum=False)``, which still checks
+  format, model fingerprint, shape, dtype and finite values: each read hashes the blob once.
+  (A write hashes the tensor bytes twice, unavoidably: the blob's checksum is in its header,
+  which the store's sha256 covers, so neither digest can be computed from the other.)
 * **Ownership isolation.** Conversations and alias keys are namespaced by ``owner`` (the
   server passes a hash of the API key): another owner's conversation is indistinguishable
   from a missing one — reads return ``None``, writes raise :class:`StoreNotFound`, and the

@@ -15,18 +15,11 @@ The loop owns the optimiser (AdamW, built once over *all* parameters so that unf
 resets optimiser state; frozen parameters simply get no gradient and AdamW skips them), the
 learning-rate schedule (linear warm-up, then cosine to ``min_lr_ratio * lr``), gradient
 clipping, bf16 autocast on CUDA, logging (``log.jsonl``, a progress bar, TensorBoard when
-installed) and checkpoints.
+installed; :mod:`rxt.training.log`) and checkpoints (``out_dir/checkpoint/``, layout in
+:mod:`rxt.training.checkpoint`). DDP wrapping is :mod:`rxt.training.parallel`.
 
-Checkpoint layout, ``out_dir/checkpoint/`` (never a pickle of arbitrary objects)::
-
-    config.json, model.safetensors (+ tokenizer.json)   model.save_pretrained
-    optimizer.pt        optimizer + scheduler state dicts and RNG byte tensors (torch.save;
-                        loaded with weights_only=True)
-    trainer_state.json  step, stage name, TrainConfig, world size, Python RNG state,
-                        log-window sums
-
-Resuming restores all of it, so on CPU N steps straight equal K steps + resume + N − K steps
-bit for bit (weights and log lines; only timing fields differ).
+Resuming restores the whole checkpoint, so on CPU N steps straight equal K steps + resume
++ N − K steps bit for bit (weights and log lines; only timing fields differ).
 
 Gradient accumulation and data parallelism
 ------------------------------------------
@@ -63,33 +56,18 @@ wrap time). Checkpoints store every rank's RNG state (gathered by rank 0: ``rng_
 restores each rank's own streams, so it stays exact under DDP, and refuses a different world
 size or ``grad_accum`` (the batch indices and RNG streams depend on both).
 
-Models too large for one device: FSDP (``torch.distributed.fsdp.fully_shard``, FSDP2) is the
-path, not implemented here. What would change: instead of the DDP wrapper, ``fully_shard``
-each block (encoder, decoder and memory-attention layers) and then the root model, and build
-the optimiser *after* sharding (parameters become sharded DTensors). The root's hooks run only
-for ``model(...)``, while stages call ``encode``/``memory_attention``/``decoder_forward``: those
-need ``register_fsdp_forward_method`` (or the ``_StageLoss`` wrapper as the root). Sharding is
-per parameter, so frozen and trainable parameters may share a unit (FSDP1's flat ones could not).
-``no_sync`` becomes ``set_requires_gradient_sync(False)``; gradient clipping works on the
-sharded gradients (``clip_grad_norm_`` over DTensors: the norm is global). Checkpoints change
-most: no rank holds the full weights or optimiser state, so rank 0 alone cannot write them.
-Use ``torch.distributed.checkpoint`` for the resumable state (every rank saves its shards of
-model and optimiser) and gather a full state dict (``get_model_state_dict`` with
-``full_state_dict=True, cpu_offload=True``) for ``model.safetensors`` and ``out_dir/model``.
+Models too large for one device: FSDP2 is the path, not implemented here; what it would change
+is in ``docs/training.md`` ("Models too large for one device (FSDP2): what would change").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
 import random
-import shutil
-import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -101,10 +79,20 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from rxt.memory.gate import ResidualGate
-from rxt.memory.stm import StmInitializer
+from rxt.model.memory.gate import ResidualGate
+from rxt.model.memory.stm import StmInitializer
 from rxt.training import distributed as dist_utils
+
+# CHECKPOINT_DIR, CheckpointMismatch, EVAL_FILE and LOG_FILE are imported from here by users:
+# re-exported (the `as` form) from the modules that now own them.
+from rxt.training.checkpoint import CHECKPOINT_DIR as CHECKPOINT_DIR
+from rxt.training.checkpoint import CheckpointMismatch as CheckpointMismatch
+from rxt.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from rxt.training.distributed import DistributedContext
+from rxt.training.log import EVAL_FILE as EVAL_FILE
+from rxt.training.log import LOG_FILE as LOG_FILE
+from rxt.training.log import Logger, truncate_log
+from rxt.training.parallel import data_parallel, rank_seed, release
 
 __all__ = [
     "CheckpointMismatch",
@@ -115,17 +103,6 @@ __all__ = [
     "param_groups",
     "train",
 ]
-
-CHECKPOINT_DIR = "checkpoint"
-LOG_FILE = "log.jsonl"
-EVAL_FILE = "eval.jsonl"  # the evaluator's results: {"step": n, ...} per evaluation
-_STATE_JSON = "trainer_state.json"
-_STATE_PT = "optimizer.pt"
-_FORMAT = 1
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint that cannot be resumed: missing, corrupt, or from a different set-up."""
 
 
 @dataclass(frozen=True)
@@ -236,215 +213,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> tuple[dict[str, torch.Tensor], list[Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda{i}"] = s
-    return tensors, _jsonable(random.getstate())
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _python_state(value: Any) -> Any:
-    return tuple(_python_state(v) for v in value) if isinstance(value, list) else value
-
-
-def _save_checkpoint(
-    out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict[str, Any],
-    rng: list[tuple[dict[str, torch.Tensor], list[Any]]],
-) -> None:
-    """Write everything to a temporary directory, then swap it in: a crash mid-write leaves the
-    previous checkpoint intact. ``rng``: every rank's :func:`_rng_state`, in rank order; rank 0's
-    goes where a single-process run puts it, and a multi-process run also stores the list."""
-    final = out_dir / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", dir=out_dir))
-    try:
-        model.save_pretrained(tmp)
-        rng_tensors, py_rng = rng[0]
-        tensors: dict[str, Any] = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_tensors,
-        }
-        payload = {**state, "format": _FORMAT, "python_rng": py_rng}
-        if len(rng) > 1:
-            tensors["rng_ranks"] = [t for t, _ in rng]
-            payload["python_rng_ranks"] = [p for _, p in rng]
-        torch.save(tensors, tmp / _STATE_PT)
-        (tmp / _STATE_JSON).write_text(json.dumps(payload, indent=1), encoding="utf-8")
-        old = out_dir / f".{CHECKPOINT_DIR}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# TrainConfig fields added after the first checkpoints were written: a checkpoint without one
-# was written with its default.
-_NEW_FIELDS = {"grad_accum": 1}
-
-
-_HF_BOOKKEEPING = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
-
-
-def _config_content(model: nn.Module) -> Any:
-    """A model's config for comparison. A ``transformers`` config also records where and how it
-    was loaded (path, library version, dtype): a fresh model would never equal its checkpoint."""
-    config = getattr(model, "config", None)
-    to_dict = getattr(config, "to_dict", None)
-    if to_dict is None:
-        return config
-    return {k: v for k, v in to_dict().items() if k not in _HF_BOOKKEEPING}
-
-
-def _load_checkpoint(
-    out_dir: Path,
-    model: nn.Module,
-    stage_name: str,
-    config: TrainConfig,
-    context: DistributedContext,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check and read ``out_dir/checkpoint``; load the weights into ``model``. Returns the JSON
-    state and the torch.save payload, with this rank's RNG states under ``"rng"`` and
-    ``"python_rng"``."""
-    directory = out_dir / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise CheckpointMismatch(f"cannot resume: no checkpoint at {str(directory)!r}")
-    try:
-        state = json.loads((directory / _STATE_JSON).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"unknown {_STATE_JSON} format")
-        step = state["step"]
-        saved_config = state["config"]
-        if type(step) is not int or step < 0 or not isinstance(saved_config, dict):
-            raise ValueError(f"bad step or config in {_STATE_JSON}")
-        payload = torch.load(directory / _STATE_PT, map_location="cpu", weights_only=True)
-        for key in ("optimizer", "scheduler", "rng"):
-            if key not in payload:
-                raise ValueError(f"{_STATE_PT} lacks {key!r}")
-        world = state.setdefault("world_size", 1)  # written by a single process before DDP
-        if type(world) is not int or world < 1:
-            raise ValueError(f"bad world_size in {_STATE_JSON}")
-        if world > 1 and (
-            len(payload.get("rng_ranks", ())) != world
-            or len(state.get("python_rng_ranks", ())) != world
-        ):
-            raise ValueError(f"the per-rank RNG states of {world} processes are incomplete")
-        loaded = type(model).from_pretrained(directory)
-    except CheckpointMismatch:
-        raise
-    except Exception as err:  # missing file, bad JSON, truncated tensors, ...
-        raise CheckpointMismatch(
-            f"cannot resume: checkpoint {str(directory)!r} is unreadable ({err})"
-        ) from err
-
-    if state.get("stage") != stage_name:
-        raise CheckpointMismatch(
-            f"cannot resume: checkpoint is from stage {state.get('stage')!r}, not {stage_name!r}"
-        )
-    current = config.to_json()
-    saved_config = {**_NEW_FIELDS, **saved_config}
-    diff = sorted(
-        k for k in current.keys() | saved_config.keys()
-        if k != "steps" and current.get(k) != saved_config.get(k)
-    )  # fmt: skip
-    if diff:
-        detail = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in diff)
-        raise CheckpointMismatch(
-            f"cannot resume: TrainConfig differs from the checkpoint's ({detail}); only `steps` "
-            "may change on resume"
-        )
-    if state["world_size"] != context.world_size:
-        raise CheckpointMismatch(
-            f"cannot resume: checkpoint was written by {state['world_size']} process(es), this "
-            f"run has {context.world_size}; the world size fixes which batches each step sees "
-            "and each rank's RNG stream, so it may not change on resume"
-        )
-    if _config_content(model) != _config_content(loaded):
-        raise CheckpointMismatch("cannot resume: the model's config differs from the checkpoint's")
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
-    if context.world_size > 1:
-        payload["rng"] = payload["rng_ranks"][context.rank]
-        state["python_rng"] = state["python_rng_ranks"][context.rank]
-    return state, payload
-
-
-# ---------------------------------------------------------------------------------- logging
-class _Logger:
-    def __init__(self, out_dir: Path, start: int, total: int, progress: bool) -> None:
-        self.path = out_dir / LOG_FILE
-        self.bar = None
-        self.plain = False
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-            except ImportError:
-                self.plain = True
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
-        except ImportError:  # tensorboard is optional
-            pass
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def record(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
-        elif self.plain:
-            print(
-                f"step {entry['step']}: loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
-                f"grad_norm {entry['grad_norm']:.3f} tokens/s {entry['tokens_per_s']:.0f}",
-                file=sys.stderr,
-            )
-        if self.tb is not None:
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.tb.add_scalar(key, value, entry["step"])
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint's step (written by a run that died after it)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-
-
 # ---------------------------------------------------------------------------------- the loop
 def _set_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
     chosen = {id(p) for p in trainable}
@@ -460,59 +228,6 @@ def _autocast(device: torch.device) -> Any:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()  # CPU (and GPUs without bf16) stay in full precision
-
-
-class _StageLoss(nn.Module):
-    """``stage.loss(model, batch)`` as a module's forward. DistributedDataParallel syncs the
-    gradients of a backward only when the forward ran through its wrapper, and stages call model
-    methods (``encode``, ``memory_attention``, ``decoder_forward``), not ``model.forward``."""
-
-    def __init__(self, model: nn.Module, stage: Stage) -> None:
-        super().__init__()
-        self.model = model
-        self.stage_loss = stage.loss
-
-    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.stage_loss(self.model, batch)
-
-
-def _data_parallel(model: nn.Module, stage: Stage, context: DistributedContext) -> nn.Module:
-    """A DDP wrapper over the parameters that require grad *now* (DDP registers those at
-    construction only, so the loop builds a new one whenever the trainable set changes).
-
-    ``find_unused_parameters=True`` always: a trainable parameter may get no gradient from a
-    batch (MoE experts no token reached, the joint stage's MLM head on a batch without masked
-    tokens, a module a stage does not call); without it DDP fails at the next step. Globally
-    unused parameters keep ``grad=None``, so AdamW skips them as in one process. The cost is
-    one walk of the autograd graph per forward: about 5 ms a SMAT step on 2 gloo CPU processes
-    (~5% of a ``tiny``-preset step, ~1% of a ``small`` one); DDP also warns once per wrapper
-    when a step happens to use every parameter. Buffers are not re-sent every forward: the
-    model's are constant (RoPE tables)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    options = inspect.signature(DistributedDataParallel).parameters
-    # torch >= 2.13 renamed the option (and still syncs buffers once at construction).
-    buffers = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
-    return DistributedDataParallel(
-        _StageLoss(model, stage),
-        device_ids=[context.device.index] if context.device.type == "cuda" else None,
-        find_unused_parameters=True,
-        **{buffers: False},
-    )
-
-
-def _release(wrapper: nn.Module) -> None:
-    """Take a DDP wrapper's gradient hooks off the model's parameters now (its reducer's
-    destructor does the same, but only once the wrapper is collected)."""
-    remove = getattr(wrapper, "_remove_autograd_hooks", None)
-    if remove is not None:
-        remove()
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """Rank 0 uses ``seed`` itself (a single process is rank 0), every other rank its own
-    stream (dropout masks must differ between ranks, as between micro-batches)."""
-    return seed if rank == 0 else (seed * 0x9E3779B97F4A7C15 + rank) % (1 << 63)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -574,22 +289,17 @@ def _train(
     start = 0
     window: dict[str, float] = {}
     if resume:
-        state, payload = _load_checkpoint(out_dir, model, stage.name, config, context)
+        state, payload = load_checkpoint(out_dir, model, stage.name, config, context)
         start = state["step"]
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        if torch.cuda.is_available():
-            cuda = [payload["rng"][k] for k in sorted(payload["rng"]) if k.startswith("cuda")]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
-        random.setstate(_python_state(state["python_rng"]))
+        restore_rng_state(payload["rng"], state["python_rng"])
         window = {k: float(v) for k, v in state.get("window", {}).items()}
         if main:
-            _truncate_log(log_path, start)
-            _truncate_log(eval_path, start)
+            truncate_log(log_path, start)
+            truncate_log(eval_path, start)
     else:
-        seed = _rank_seed(config.seed, context.rank)
+        seed = rank_seed(config.seed, context.rank)
         torch.manual_seed(seed)
         random.seed(seed)
         if main:
@@ -604,9 +314,9 @@ def _train(
             "world_size": world,
             "window": window,
         }
-        rng = dist_utils.all_gather_objects(context, _rng_state())
+        rng = dist_utils.all_gather_objects(context, rng_state())
         if main:
-            _save_checkpoint(out_dir, model, optimizer, scheduler, state, rng)
+            save_checkpoint(out_dir, model, optimizer, scheduler, state, rng)
         dist_utils.barrier(context)  # every rank leaves with the checkpoint on disk
 
     def evaluate(step: int) -> None:
@@ -620,7 +330,7 @@ def _train(
         with open(eval_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **result}) + "\n")
 
-    logger = _Logger(out_dir, start, config.steps, progress) if main else None
+    logger = Logger(out_dir, start, config.steps, progress) if main else None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     last: dict[str, Any] = {}
     wrapper: nn.Module | None = None
@@ -634,10 +344,10 @@ def _train(
             params = _set_trainable(model, stage.trainable(model, step))
             if context.distributed and tuple(map(id, params)) != wrapped:
                 if wrapper is not None:  # staged unfreezing: DDP must see the new trainable set
-                    _release(wrapper)
+                    release(wrapper)
                     wrapper = None
                     gc.collect()  # free the old reducer's gradient-sized buckets first
-                wrapper, wrapped = _data_parallel(model, stage, context), tuple(map(id, params))
+                wrapper, wrapped = data_parallel(model, stage, context), tuple(map(id, params))
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             finite = True
@@ -695,7 +405,7 @@ def _train(
         if logger is not None:
             logger.close()
         if wrapper is not None:  # the model leaves with no DDP hooks on its parameters
-            _release(wrapper)
+            release(wrapper)
             wrapper = None
         for p, flag in flags:  # the stage's freezing is for training only
             p.requires_grad_(flag)

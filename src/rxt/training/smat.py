@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rxt.data.dialogue import Dialogue
-from rxt.data.order import DialogueStream
-from rxt.memory.gate_stats import record_gates
+from rxt.data.order import DialogueStream, length_groups
+from rxt.model.memory.gate_stats import record_gates
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer, pad_sequences
 
@@ -41,7 +41,6 @@ __all__ = [
     "SmatConfig",
     "SmatForward",
     "SmatStage",
-    "length_groups",
     "smat_forward",
 ]
 
@@ -144,17 +143,6 @@ def initial_stm(model: ReactiveTransformer, stm_seed: int, positions: Sequence[i
             for p in positions
         ]
     )
-
-
-def length_groups(lengths: Sequence[int], groups: int) -> list[tuple[list[int], int]]:
-    """``lengths`` split into at most ``groups`` runs of rows of similar length (sorted, equal
-    counts): ``[(rows, longest), ...]``; one group keeps the rows in order."""
-    if groups <= 1:  # one pass, rows in their own order
-        return [(list(range(len(lengths))), max(lengths))]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    size = -(-len(order) // max(1, groups))
-    runs = [order[s : s + size] for s in range(0, len(order), size)]
-    return [(rows, max(lengths[r] for r in rows)) for rows in runs]
 
 
 def _regroup(parts: list[tuple[list[int], torch.Tensor]], device: torch.device) -> torch.Tensor:

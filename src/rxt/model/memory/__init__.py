@@ -1,7 +1,7 @@
 """Short-Term Memory: its initial state, the memory-attention network and the residual gate."""
 
-from rxt.memory.gate import ResidualGate
-from rxt.memory.memory_attention import MemoryAttention
-from rxt.memory.stm import StmInitializer
+from rxt.model.memory.gate import ResidualGate
+from rxt.model.memory.memory_attention import MemoryAttention
+from rxt.model.memory.stm import StmInitializer
 
 __all__ = ["MemoryAttention", "ResidualGate", "StmInitializer"]

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.memory.gate import ResidualGate
 from rxt.model.attention import Attention
 from rxt.model.checkpointing import run_layer
+from rxt.model.memory.gate import ResidualGate
 from rxt.model.norm import RMSNorm
 
 _PRE_STEP_SOURCE = {
