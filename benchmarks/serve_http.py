@@ -61,8 +61,9 @@ from typing import Any
 import httpx
 import torch
 
-from rxt.bench.common import environment, load_or_build, write_json
+from rxt.bench.common import load_or_build
 from rxt.data.synthetic import synthetic_corpus
+from rxt.results import environment, write_json
 
 MODEL_NAME = "bench"
 CONVERSATION_HEADER = "x-rxt-conversation-id"

@@ -1005,7 +1005,7 @@ def test_failed_memory_update_is_isolated(
         with pytest.raises(EngineError, match="update boom"):
             conv.wait(timeout=TIMEOUT)
         # No public accessor works while the error is set (stm/export_state re-raise it).
-        assert torch.equal(conv._stm, last_good)
+        assert torch.equal(conv._slot.stm, last_good)
         assert conv.turns == 1
 
         # Other conversations are unaffected.

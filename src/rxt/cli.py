@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, entry in systems.items():
         print("\n".join(summary_lines(name, entry)))
     if args.json:
-        from rxt.bench.common import write_json
+        from rxt.results import write_json
 
         write_json(args.json, report)
         print(f"report: {args.json}")
@@ -186,7 +186,7 @@ def _write_results(path: str | None, result: dict) -> None:
     """The records (a plain list) to ``path``; summary, settings and environment beside it."""
     if not path:
         return
-    from rxt.bench.common import write_json
+    from rxt.results import write_json
 
     write_json(path, result["records"])
     write_json(_summary_path(path), {k: v for k, v in result.items() if k != "records"})

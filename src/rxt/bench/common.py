@@ -1,15 +1,12 @@
-"""What the latency and throughput benchmarks share: the model under test, its queries, the
-environment record and a few statistics."""
+"""What the latency and throughput benchmarks share: the model under test, its queries and a
+few statistics (the environment record is :func:`rxt.results.environment`)."""
 
 from __future__ import annotations
 
-import os
-import platform
 import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 
@@ -81,34 +78,3 @@ class BenchSettings:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
-
-
-def environment(device: str) -> dict[str, object]:
-    """What a reader needs to compare figures: hardware, threads and library versions."""
-    info: dict[str, object] = {
-        "device": device,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
-
-
-def write_json(path: str | Path, payload: object) -> None:
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rxt.bench.common import BenchSettings, environment, load_or_build, median, random_queries
+from rxt.bench.common import BenchSettings, load_or_build, median, random_queries
 from rxt.engine import Conversation, Engine
+from rxt.results import environment
 from rxt.tokenizer import SPECIAL_TOKENS
 
 BOS, EOS, Q, A = (SPECIAL_TOKENS.index(t) for t in ("[BOS]", "[EOS]", "[Q]", "[A]"))

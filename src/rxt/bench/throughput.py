@@ -13,8 +13,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rxt.bench.common import BenchSettings, environment, load_or_build, median, random_queries
+from rxt.bench.common import BenchSettings, load_or_build, median, random_queries
 from rxt.engine import Engine
+from rxt.results import environment
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rxt.bench.common import environment, write_json
 from rxt.demo.curves import DISTANCE_LABEL, save_recall_plot
 from rxt.demo.jobs import run_tasks
 from rxt.demo.plan import DemoPlan
 from rxt.demo.report import eval_systems
+from rxt.results import environment, write_json
 
 __all__ = ["SEEDS", "aggregate", "run_long_demo"]
 

@@ -20,10 +20,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rxt.bench.common import environment, write_json
 from rxt.demo.conversation import recalled_every_fact
 from rxt.demo.curves import DISTANCE_LABEL, learning_curves, plot_curves, save_recall_plot
 from rxt.demo.report_markdown import ABLATIONS, SYSTEMS, markdown
+from rxt.results import environment, write_json
 
 __all__ = ["check_targets", "eval_systems", "write_report"]
 

@@ -10,41 +10,24 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rxt.engine.sampling import SamplingParams, make_generator
+from rxt.engine.slot import ConversationSlot, EngineLink, UpdateEvent, UpdateListener
 from rxt.engine.state import stm_from_bytes, stm_to_bytes
 from rxt.engine.stream import EngineError, TurnRequest, TurnResult, TurnStream
-from rxt.engine.updater import UpdateJob, UpdateTiming
+from rxt.engine.updater import UpdateTiming
 
 if TYPE_CHECKING:
     from rxt.engine.engine import Engine
 
+__all__ = ["Conversation", "UpdateEvent", "UpdateListener"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UpdateEvent:
-    """A memory update of ``conversation_id`` that ``"started"``, ``"finished"`` or ``"failed"``.
-
-    ``turn`` 0 is the system prompt. ``timing`` is set once the update ended."""
-
-    kind: str
-    conversation_id: str
-    turn: int
-    time: float
-    timing: UpdateTiming | None = None
-    error: BaseException | None = None
-
-
-UpdateListener = Callable[[UpdateEvent], None]
 
 
 class Conversation:
@@ -53,6 +36,7 @@ class Conversation:
     def __init__(
         self,
         engine: Engine,
+        link: EngineLink,
         *,
         system_prompt: str | None,
         seed: int | None,
@@ -66,16 +50,9 @@ class Conversation:
         self.system_prompt = system_prompt
         self.seed = seed
         self.listeners: list[UpdateListener] = [on_update] if on_update else []
-        self._cond = threading.Condition()
-        self._pending = 0  # turns (and system-prompt updates) not yet committed
-        self._active: object | None = None  # the turn being answered or updated
-        self._committed_at = 0.0
-        self._error: BaseException | None = None
-        self._submitted = turns
-        self.turns = turns  # committed turns
-        self.last_update: UpdateTiming | None = None
         self._generator = generator or self._new_generator(seed)
-        self._stm = stm if stm is not None else self._fresh_stm()
+        stm = stm if stm is not None else self._fresh_stm()
+        self._slot = ConversationSlot(link, self.id, stm, turns=turns, notify=self._notify)
 
     # ------------------------------------------------------------------ state
     @property
@@ -84,29 +61,34 @@ class Conversation:
 
         Treat it as read-only: the engine never modifies it in place, and neither should you."""
         self.wait()
-        return self._stm
+        return self._slot.stm
+
+    @property
+    def turns(self) -> int:
+        """Turns committed to memory."""
+        return self._slot.turns
+
+    @property
+    def last_update(self) -> UpdateTiming | None:
+        """Timing of the last memory update that ended, or None."""
+        return self._slot.last_update
 
     @property
     def updating(self) -> bool:
         """True while a turn or memory update of this conversation is in flight."""
-        return self._pending > 0
+        return self._slot.pending > 0
 
     @property
     def error(self) -> BaseException | None:
         """Why the last memory update failed, or None. While set, ``send`` and ``stm`` refuse;
         ``reset()`` or ``load_state()`` recover."""
-        return self._error
+        return self._slot.error
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every turn sent so far has been answered and committed to memory."""
-        self._wait_idle(timeout)
-        if self._error is not None:
-            raise EngineError(self._error_message())
-
-    def _wait_idle(self, timeout: float | None = None) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._pending == 0, timeout):
-                raise TimeoutError(f"conversation {self.id} still busy after {timeout} s")
+        self._slot.wait_idle(timeout)
+        if self._slot.error is not None:
+            raise EngineError(self._slot.error_message())
 
     def fork(self) -> Conversation:
         """A new conversation continuing from this one's current memory (and sampling state)."""
@@ -117,34 +99,33 @@ class Conversation:
             generator.set_state(self._generator.get_state())
         return Conversation(
             self.engine,
+            self._slot.link,
             system_prompt=self.system_prompt,
             seed=self.seed,
-            stm=self._stm,
+            stm=self._slot.stm,
             turns=self.turns,
             generator=generator,
         )
 
     def reset(self) -> None:
         """Forget every turn: back to STM_0 (and the system prompt, if one was given)."""
-        self._wait_idle()
-        self._error = None
-        self._stm = self._fresh_stm()
-        self.turns = self._submitted = 0
+        self._slot.wait_idle()
+        self._slot.restore(self._fresh_stm(), turns=0)
         if self.system_prompt:
-            self._start_system_prompt()
+            self.absorb_system(self.system_prompt)
 
     def export_state(self) -> bytes:
         """The committed STM as safetensors bytes, tagged with the model's fingerprint."""
         self.wait()
         meta = {"turns": str(self.turns), "conversation_id": self.id}
-        return stm_to_bytes(self._stm, fingerprint=self.engine.fingerprint, metadata=meta)
+        return stm_to_bytes(self._slot.stm, fingerprint=self.engine.fingerprint, metadata=meta)
 
     def load_state(self, data: bytes, *, verify_checksum: bool = True) -> None:
         """Replace the memory with an exported state (refused if another model saved it).
 
         ``verify_checksum=False``: see :func:`~rxt.engine.state.stm_from_bytes` — only for
         bytes just verified otherwise (a store's whole-blob sha256)."""
-        self._wait_idle()
+        self._slot.wait_idle()
         model = self.engine.model
         stm, meta = stm_from_bytes(
             data,
@@ -154,9 +135,8 @@ class Conversation:
             dtype=model.dtype,
             verify_checksum=verify_checksum,
         )
-        self._stm, self._error = stm, None
         turns = meta.get("turns", "0")
-        self.turns = self._submitted = int(turns) if turns.isdigit() else 0
+        self._slot.restore(stm, turns=int(turns) if turns.isdigit() else 0)
 
     # ------------------------------------------------------------------ turns
     def send(
@@ -170,8 +150,8 @@ class Conversation:
         ``query`` is text, or already-tokenised query ids (without special tokens). ``sampling``
         defaults to the engine's; keyword overrides replace single fields, e.g.
         ``send("hi", temperature=0.8, max_new_tokens=32)``."""
-        if self._error is not None:
-            raise EngineError(self._error_message())
+        if self._slot.error is not None:
+            raise EngineError(self._slot.error_message())
         engine = self.engine
         params = sampling or engine.default_sampling
         if overrides:
@@ -184,19 +164,9 @@ class Conversation:
                 f"exceeds the model's max_seq_len={limit}"
             )
         generator = make_generator(params, engine.model.device) or self._generator
-        with self._cond:
-            self._pending += 1
-            self._submitted += 1
-            turn = self._submitted
-        request = TurnRequest(self, text, prompt, params, generator, turn)
-        try:
-            engine._submit(request)
-        except BaseException:
-            with self._cond:
-                self._pending -= 1
-                self._submitted -= 1
-                self._cond.notify_all()
-            raise
+        turn = self._slot.reserve()
+        request = TurnRequest(self._slot, text, prompt, params, generator, turn)
+        self._slot.submit(request)
         return TurnStream(request, engine.tokenizer)
 
     def ask(
@@ -229,13 +199,7 @@ class Conversation:
 
     def _replay(self, ids: list[int], turn: int | None = None) -> None:
         self.wait()  # the update must start from the memory every earlier turn committed
-        with self._cond:
-            self._pending += 1
-            self._active = "replay"
-            if turn is None:
-                self._submitted += 1
-                turn = self._submitted
-        self._submit_update(ids, turn=turn)
+        self._slot.replay(ids, turn)
 
     def _format_query(self, query: str | Sequence[int]) -> tuple[str, list[int]]:
         tokenizer = self.engine.tokenizer
@@ -249,7 +213,7 @@ class Conversation:
         prompt = [tokenizer.bos_id, tokenizer.query_id, *ids, tokenizer.answer_id]
         return tokenizer.decode(ids), prompt
 
-    # ------------------------------------------------------------------ engine side
+    # ------------------------------------------------------------------ helpers
     def _new_generator(self, seed: int | None) -> torch.Generator:
         # Every conversation samples from its own generator, so a batch never couples rows.
         device = self.engine.model.device
@@ -261,62 +225,12 @@ class Conversation:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         return self.engine.model.initial_stm(1, generator=generator)
 
-    def _start_system_prompt(self) -> None:
-        """Encode the system prompt as turn 0 (paper §4, step 4), asynchronously."""
-        self.absorb_system(self.system_prompt or "")
-
-    def _submit_update(
-        self, interaction: list[int], turn: int, request: TurnRequest | None = None, ready=None
-    ) -> None:
-        def started() -> None:
-            self._notify(UpdateEvent("started", self.id, turn, time.perf_counter()))
-
-        def done(stm_next, error, timing: UpdateTiming) -> None:
-            with self._cond:
-                if error is None:
-                    self._stm = stm_next
-                    self.turns = max(self.turns, turn)
-                else:
-                    self._error = error
-                self.last_update = timing
-                self._committed_at = timing.finished_at
-            # Listeners hear of the update before anyone waiting on it is released, so a UI
-            # has printed "updated" by the time the next turn can start.
-            kind = "finished" if error is None else "failed"
-            self._notify(UpdateEvent(kind, self.id, turn, timing.finished_at, timing, error))
-            if request is not None:
-                request.update_timing, request.update_error = timing, error
-                request.update_done.set()
-                request._wake()
-            with self._cond:
-                self._active = None
-                self._pending -= 1
-                self._cond.notify_all()
-            self.engine._wake()
-
-        job = UpdateJob(self._stm, interaction, done, started=started, ready=ready)
-        self.engine.updater.submit(job)
-
-    def _abandon(self, request: TurnRequest) -> None:
-        """``request`` ended without an update (cancelled while queued, or the decoder failed)."""
-        with self._cond:
-            if self._active is request:  # a queued turn must not release an earlier one
-                self._active = None
-            self._pending -= 1
-            self._cond.notify_all()
-
     def _notify(self, event: UpdateEvent) -> None:
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:  # a UI callback must never break the update worker
                 log.exception("memory-update listener failed")
-
-    def _error_message(self) -> str:
-        return (
-            f"conversation {self.id}: memory update failed ({self._error}); "
-            "its memory is at the last committed turn — call reset() or load_state()"
-        )
 
     def __repr__(self) -> str:
         return f"Conversation(id={self.id[:8]}, turns={self.turns}, updating={self.updating})"

@@ -22,6 +22,7 @@ import torch
 from rxt.engine.conversation import Conversation, UpdateListener
 from rxt.engine.rows import RowPool
 from rxt.engine.sampling import SamplingParams
+from rxt.engine.slot import EngineLink
 from rxt.engine.state import model_fingerprint, stm_from_tensor
 from rxt.engine.stream import TurnRequest
 from rxt.engine.updater import MemoryUpdater, set_intra_op_threads
@@ -94,6 +95,8 @@ class Engine:
         self._rows: list[TurnRequest] = []  # row i of the pool answers self._rows[i]
         self._closing = False
         self._pool: RowPool | None = None
+        # All a conversation may ask of the engine; its slot calls these, nothing else.
+        self._link = EngineLink(submit=self._submit, wake=self._wake, updater=self.updater)
         self._thread = threading.Thread(target=self._loop, name="rxt-engine", daemon=True)
         self._thread.start()
 
@@ -135,12 +138,12 @@ class Engine:
                 stm, shape=model.config.stm_shape, device=model.device, dtype=model.dtype
             )
         conv = Conversation(
-            self, system_prompt=system_prompt, seed=seed, stm=stm, on_update=on_update
+            self, self._link, system_prompt=system_prompt, seed=seed, stm=stm, on_update=on_update
         )
         if state is not None:
             conv.load_state(state, verify_checksum=verify_checksum)
         elif stm is None and system_prompt:
-            conv._start_system_prompt()
+            conv.absorb_system(system_prompt)  # turn 0 (paper §4, step 4), asynchronously
         return conv
 
     def stats(self) -> EngineStats:
@@ -160,7 +163,7 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ called by conversations
+    # ------------------------------------------------------------------ EngineLink (slots call)
     def _submit(self, request: TurnRequest) -> None:
         with self._cv:
             if self._closing:
@@ -196,23 +199,22 @@ class Engine:
         seen: set[int] = set()
         room = self.max_batch_size - len(self._rows)
         for request in list(self._waiting):
-            conv = request.conversation
-            if id(conv) in seen:
+            slot = request.slot
+            if id(slot) in seen:
                 continue
-            seen.add(id(conv))
-            if request.cancelled or conv._error is not None:
+            seen.add(id(slot))
+            if request.cancelled or slot.error is not None:
                 self._waiting.remove(request)
                 if request.cancelled:
                     request.drop()
                 else:
-                    request.fail(RuntimeError(conv._error_message()))
-                conv._abandon(request)
+                    request.fail(RuntimeError(slot.error_message()))
+                slot.abandon(request)
                 continue
-            if conv._active is not None or len(chosen) >= room:
+            if slot.busy or len(chosen) >= room:
                 continue
             self._waiting.remove(request)
-            conv._active = request
-            request.blocked_until = conv._committed_at
+            slot.admit(request)
             chosen.append(request)
         return chosen
 
@@ -225,7 +227,7 @@ class Engine:
             victims = {id(r): r for r in [*requests, *self._rows]}
             for request in victims.values():
                 request.fail(exc)
-                request.conversation._abandon(request)
+                request.slot.abandon(request)
             self._rows = []
             self._pool = None  # its rows may be half-written; a fresh one is made on demand
 
@@ -238,7 +240,7 @@ class Engine:
         rows = old + requests
         tokens = self._pool.join(
             [r.prompt_ids for r in requests],
-            [r.conversation._stm for r in requests],
+            [r.slot.stm for r in requests],
             [r.params for r in requests],
             [r.generator for r in requests],
             [r.params for r in rows],
@@ -288,4 +290,4 @@ class Engine:
         eos = self.tokenizer.eos_id
         if interaction[-1] != eos and len(interaction) < self.model.config.max_seq_len:
             interaction.append(eos)  # the encoder sees turns as they were trained: ending in EOS
-        request.conversation._submit_update(interaction, request.turn, request, ready)
+        request.slot.commit(request, interaction, ready)

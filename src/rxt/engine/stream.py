@@ -22,7 +22,7 @@ from rxt.engine.updater import UpdateTiming
 if TYPE_CHECKING:
     import torch
 
-    from rxt.engine.conversation import Conversation
+    from rxt.engine.slot import ConversationSlot
     from rxt.tokenizer import RxTTokenizer
 
 
@@ -62,7 +62,7 @@ _DONE = object()
 class TurnRequest:
     """Engine-side record of one turn (internal; callers use :class:`TurnStream`)."""
 
-    conversation: Conversation
+    slot: ConversationSlot  # the conversation, as the scheduler sees it
     query: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -94,6 +94,12 @@ class TurnRequest:
         self.finish_reason = reason
         self.events.put(_DONE)
         self.ended.set()
+        self._wake()
+
+    def end_update(self, timing: UpdateTiming, error: BaseException | None) -> None:
+        """The memory update of this turn has ended (update thread)."""
+        self.update_timing, self.update_error = timing, error
+        self.update_done.set()
         self._wake()
 
     def _wake(self) -> None:
