@@ -31,10 +31,10 @@ from rxt.eval.errors import recall_errors
 from rxt.eval.recall import evaluate_dialogues
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer
-from rxt.training.joint import JointConfig, JointStage, interaction_sequences, text_sequences
 from rxt.training.loop import TrainConfig, train
-from rxt.training.memory_pretrain import MemoryPretrainConfig, MemoryPretrainStage
-from rxt.training.smat import SmatConfig, SmatStage
+from rxt.training.stages.joint import JointConfig, JointStage, interaction_sequences, text_sequences
+from rxt.training.stages.memory import MemoryPretrainConfig, MemoryPretrainStage
+from rxt.training.stages.smat import SmatConfig, SmatStage
 
 
 def main() -> None:

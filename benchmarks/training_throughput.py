@@ -33,10 +33,10 @@ from memory_learning import build_data
 from rxt.config import RxTConfig
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer
-from rxt.training.joint import JointConfig, JointStage, interaction_sequences, text_sequences
 from rxt.training.loop import LOG_FILE, TrainConfig, train
-from rxt.training.memory_pretrain import MemoryPretrainConfig, MemoryPretrainStage
-from rxt.training.smat import SmatConfig, SmatStage
+from rxt.training.stages.joint import JointConfig, JointStage, interaction_sequences, text_sequences
+from rxt.training.stages.memory import MemoryPretrainConfig, MemoryPretrainStage
+from rxt.training.stages.smat import SmatConfig, SmatStage
 
 STAGES = ("joint", "sft", "memory", "smat")
 

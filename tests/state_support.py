@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from rxt.serve.store import StateStore
-from rxt.serve.store_sqlite import SQLiteStore
+from rxt.serve.store.sqlite import SQLiteStore
 
 
 class CountingHashlib:

@@ -20,7 +20,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rxt import RxTConfig
 from rxt.baselines import (
     BASELINE_FILE,
-    StatelessStage,
     build_baseline,
     build_matched_baseline,
     full_sequence,
@@ -39,7 +38,8 @@ from rxt.eval.recall import RecallReport
 from rxt.eval.stateless import evaluate_stateless
 from rxt.tokenizer import RxTTokenizer
 from rxt.training.loop import TrainConfig, train
-from rxt.training.smat import SmatConfig, SmatStage
+from rxt.training.stages.smat import SmatConfig, SmatStage
+from rxt.training.stages.stateless import StatelessStage
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rxt import ReactiveTransformer, RxTConfig
-from rxt.chat import add_arguments, run_chat
+from rxt.cli.chat import add_arguments, run_chat
 from rxt.data.synthetic import synthetic_corpus
 from rxt.engine import Engine
 from rxt.tokenizer import RxTTokenizer
@@ -71,7 +71,7 @@ def chat(model_dir, lines, *options, stdout=None):
     argv = [str(model_dir), "--seed", str(SEED), "--max-new-tokens", str(MAX_NEW), *options]
     out, err = stdout or io.StringIO(), io.StringIO()
     stdin = io.StringIO("".join(line + "\n" for line in lines))
-    code = run_chat(parser.parse_args(argv), stdin=stdin, stdout=out, stderr=err)
+    code = run_chat(**vars(parser.parse_args(argv)), stdin=stdin, stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
 
 

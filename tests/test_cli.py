@@ -1,5 +1,6 @@
 """The command line: `rxt info`, `rxt demo --quick`, `python -m rxt`, user errors."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -7,7 +8,10 @@ import sys
 import pytest
 
 from rxt import ReactiveTransformer
-from rxt.cli import main
+from rxt.bench.latency import LatencySettings
+from rxt.bench.throughput import ThroughputSettings
+from rxt.cli import COMMANDS, Group, build_parser, main
+from rxt.cli.serve import ServeOptions
 from rxt.demo.conversation import SCRIPT
 from rxt.demo.report import CONVERSATION_TARGET
 
@@ -115,3 +119,43 @@ def test_demo_long_reports_mean_and_spread_over_seeds(tmp_path):
     assert "(min–max)" in (tmp_path / "report-long.md").read_text()
     assert (tmp_path / "recall_vs_distance_seeds.png").stat().st_size > 0
     assert not list(tmp_path.glob("seed-0/runs/stateless-current*"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info"],
+        ["demo"],
+        ["chat", "m"],
+        ["serve", "m"],
+        ["bench", "latency"],
+        ["bench", "throughput"],
+        ["train", "smat", "--config", "r", "--out", "o"],
+        ["eval", "m", "--data", "d"],
+        ["data", "probes"],
+    ],
+)
+def test_every_command_takes_its_parsed_flags_as_keywords(argv):
+    """Each flag's dest is a parameter of its command's function (for serve, a field of
+    ServeOptions), and a default the function declares is the flag's default."""
+    kwargs = vars(build_parser().parse_args(argv))
+    entry = COMMANDS[kwargs.pop("command")]
+    if isinstance(entry, Group):
+        entry = entry.commands[kwargs.pop(argv[0])]
+    if argv[0] == "serve":
+        assert ServeOptions(**kwargs) == ServeOptions(model_dir="m")
+        return
+    if argv[0] == "bench":  # the flags the function does not name are its settings' fields
+        named = inspect.signature(entry.run).parameters
+        settings = {k: v for k, v in kwargs.items() if k not in named}
+        if "concurrency" in settings:
+            settings["concurrency"] = tuple(settings["concurrency"])
+        cls = LatencySettings if argv[1] == "latency" else ThroughputSettings
+        assert cls(**settings) == cls()
+        kwargs = {k: v for k, v in kwargs.items() if k in named}
+    parameters = inspect.signature(entry.run).parameters
+    inspect.signature(entry.run).bind(**kwargs)
+    for name, value in kwargs.items():
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty:
+            assert list(default) == value if isinstance(default, tuple) else default == value

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from rxt import RxTConfig
-from rxt.generation import greedy_answer
+from rxt.engine.greedy import greedy_answer
 from rxt.model import cost
 
 

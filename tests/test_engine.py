@@ -35,9 +35,9 @@ from rxt.engine import (
     UpdateEvent,
 )
 from rxt.engine import rows as rows_module
+from rxt.engine.greedy import greedy_answer
 from rxt.engine.rows import RowPool
 from rxt.engine.state import stm_to_bytes
-from rxt.generation import greedy_answer
 from rxt.tokenizer import RxTTokenizer
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability

@@ -13,9 +13,9 @@ import torch
 from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue, Probe, Turn
+from rxt.engine.greedy import greedy_answer, greedy_batch
 from rxt.eval import recall
 from rxt.eval.recall import RecallReport, donor, evaluate_dialogues
-from rxt.generation import greedy_answer, greedy_batch
 from rxt.tokenizer import RxTTokenizer
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability

@@ -141,6 +141,16 @@ def test_arrows_point_one_way(source):
     )
 
 
+def test_nn_imports_nothing_else_from_rxt():
+    # The building blocks take their own small configs: the model sizes them (model/blocks.py).
+    assert (SRC / "nn").is_dir(), "src/rxt/nn is gone: update this test"
+    arrows = package_graph().get("nn", {})
+    assert "model" in package_graph() and "nn" in package_graph()["model"]  # the parser sees it
+    assert not arrows, "nn must import only rxt.nn: " + "; ".join(
+        f"{t} from {', '.join(files)}" for t, files in sorted(arrows.items())
+    )
+
+
 MAX_LINES = 450  # a file longer than this holds more than one responsibility: split it
 
 

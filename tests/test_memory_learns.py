@@ -17,7 +17,7 @@ from rxt.data.probes import ProbeConfig, generate_splits
 from rxt.eval.recall import evaluate_dialogues
 from rxt.tokenizer import RxTTokenizer
 from rxt.training.loop import TrainConfig, train
-from rxt.training.smat import SmatConfig, SmatStage
+from rxt.training.stages.smat import SmatConfig, SmatStage
 
 # One fact, then its question; four kinds of 20-30 values each (chance 0.043).
 TWO_TURN = ProbeConfig(

@@ -1,4 +1,4 @@
-"""Tests for the model (rxt.model, rxt.generation).
+"""Tests for the model (rxt.model, rxt.nn, rxt.engine.greedy).
 
 Causality, KV-cached decoding, left-padded batches, how the decoder reads memory (permutation
 invariance, every layer reads its own STM layer, memory masks), input validation, head sharing
@@ -21,12 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from rxt import KVCache, ReactiveTransformer, RxTConfig
-from rxt.config import AttentionConfig
-from rxt.generation import greedy_answer, iter_greedy
-from rxt.model.attention import Attention
+from rxt.engine.greedy import greedy_answer, iter_greedy
 from rxt.model.decoder import DecodeContext
-from rxt.model.feedforward import MoEFeedForward
-from rxt.model.rope import RotaryEmbedding
+from rxt.nn import Attention, AttentionBlockConfig, MoEFeedForward, RotaryEmbedding
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 
@@ -444,13 +441,9 @@ def _reference_attention(
 def test_attention_head_sharing_matches_manual_reference(heads, masked):
     torch.manual_seed(0)
     d = 64
+    h, hq, hkv = heads
     att = Attention(
-        d,
-        AttentionConfig(*heads),
-        rope_queries=False,
-        rope_keys=False,
-        max_positions=32,
-        rope_theta=10000.0,
+        AttentionBlockConfig(d, h, hq, hkv, rope_queries=False, rope_keys=False, max_positions=32)
     )
     assert att.q_proj.out_features == heads[1] * d // heads[0]
     assert att.k_proj.out_features == heads[2] * d // heads[0]
@@ -777,7 +770,7 @@ def test_gradients_reach_every_component_through_the_memory(make_model, memory):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rmsnorm_matches_its_formula_in_every_dtype(dtype):
-    from rxt.model.norm import RMSNorm
+    from rxt.nn import RMSNorm
 
     torch.manual_seed(0)
     norm = RMSNorm(16, eps=1e-6)

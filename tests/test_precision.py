@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rxt import ReactiveTransformer, RxTConfig
-from rxt.model.feedforward import MoEFeedForward
+from rxt.nn import MoEFeedForward
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 
@@ -61,7 +61,7 @@ def test_half_precision_cached_decoding_matches_full(device, dtype, preset, over
 class _Routing:
     """Records every MoE layer's expert choices per position, or pins them to given ones.
 
-    Inside ``with _Routing(model, pinned) as routing:`` each decoder MoE layer's ``_route`` is
+    Inside ``with _Routing(model, pinned) as routing:`` each decoder MoE layer's ``route`` is
     wrapped. ``routing.chosen(B)`` is then ``(layers, B, T, k)``: the sorted experts each
     position went to, calls stitched along T (a prefill of w tokens covers w positions, a
     cached step one). With ``pinned`` (such a tensor), each position is sent to the pinned
@@ -75,12 +75,12 @@ class _Routing:
 
     def __enter__(self) -> _Routing:
         for i, moe in enumerate(self.layers):
-            moe._route = functools.partial(self._route, i, moe._route)
+            moe.route = functools.partial(self._route, i, moe.route)
         return self
 
     def __exit__(self, *exc) -> None:
         for moe in self.layers:
-            del moe._route  # back to the class's method
+            del moe.route  # back to the class's method
 
     def _route(self, i: int, route, flat: torch.Tensor):
         logits, top_idx, top_w = route(flat)

@@ -615,12 +615,13 @@ def test_serve_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
 
 def test_serve_keeps_its_default_store_in_the_data_dir(tmp_path, monkeypatch):
     from rxt.cli import build_parser
-    from rxt.serve.cli import build_app
+    from rxt.cli.serve import ServeOptions, build_app
 
     model_dir = save_small_model(tmp_path / "model")
     monkeypatch.delenv("RXT_DATA_DIR", raising=False)
     args = build_parser().parse_args(["serve", str(model_dir), "--data-dir", str(tmp_path / "d")])
-    app = build_app(args)
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    app = build_app(ServeOptions(**options))
     assert app.state.settings.store_url == str(tmp_path / "d" / "state.db")
     assert app.state.settings.model_name == "model"  # the directory's name
 

@@ -35,9 +35,9 @@ from redis_support import SlowWrites, redis_binary, redis_server
 from rxt import ReactiveTransformer
 from rxt.engine import Engine, SamplingParams
 from rxt.engine.state import stm_from_bytes, stm_to_bytes
-from rxt.serve import store_redis
 from rxt.serve.auth import DEV_OWNER
 from rxt.serve.store import StateStore, open_store
+from rxt.serve.store import redis as store_redis
 from serve_support import CONVERSATION_HEADER, MODEL_NAME, ServerProcess, save_small_model
 
 MAX_TOKENS = 8

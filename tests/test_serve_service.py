@@ -20,12 +20,12 @@ import httpx
 import pytest
 import torch
 
+import rxt.serve.store as store_module
 from redis_support import redis_server
 from rxt import ReactiveTransformer
 from rxt.engine import Engine
 from rxt.engine import state as state_module
 from rxt.engine.state import stm_to_bytes
-from rxt.serve import store as store_module
 from rxt.serve.auth import DEV_OWNER
 from rxt.serve.settings import ServerSettings
 from serve_support import CONVERSATION_HEADER, MODEL_NAME, LiveServer, small_model

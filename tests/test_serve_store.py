@@ -28,7 +28,7 @@ from rxt.serve.store import (
     StoreNotFound,
     open_store,
 )
-from rxt.serve.store_sqlite import SQLiteStore
+from rxt.serve.store.sqlite import SQLiteStore
 from state_support import flip_stored_byte
 
 ALICE, BOB = "owner-alice", "owner-bob"
@@ -46,7 +46,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Callable[..
     stores: list[StateStore] = []
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
-        from rxt.serve.store_redis import RedisStore
+        from rxt.serve.store.redis import RedisStore
 
         prefix = f"test-{uuid.uuid4().hex[:8]}:"
 
@@ -331,14 +331,14 @@ def test_open_store_urls(tmp_path) -> None:
 
 
 def test_open_store_redis(redis_url) -> None:
-    from rxt.serve.store_redis import RedisStore
+    from rxt.serve.store.redis import RedisStore
 
     with open_store(redis_url, ttl_seconds=5) as s:
         assert isinstance(s, RedisStore) and s.ttl_seconds == 5
 
 
 def test_redis_list_skips_expired(redis_url) -> None:
-    from rxt.serve.store_redis import RedisStore
+    from rxt.serve.store.redis import RedisStore
 
     with RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:8]}:") as store:
         ids = [store.create_conversation(ALICE, f"c{i}") for i in range(5)]
@@ -353,7 +353,7 @@ def test_redis_list_skips_expired(redis_url) -> None:
 
 _CRASH_WRITER = """
 import os, sys
-from rxt.serve.store_sqlite import SQLiteStore
+from rxt.serve.store.sqlite import SQLiteStore
 store = SQLiteStore(sys.argv[1])
 version = 0
 while True:

@@ -27,7 +27,7 @@ from rxt.tokenizer import RxTTokenizer
 from rxt.training import distributed as dist_utils
 from rxt.training import loop
 from rxt.training.loop import CheckpointMismatch, TrainConfig, train
-from rxt.training.smat import ALL_MODULES, SmatConfig, SmatStage
+from rxt.training.stages.smat import ALL_MODULES, SmatConfig, SmatStage
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 

@@ -13,7 +13,8 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue, Turn
 from rxt.tokenizer import SPECIAL_TOKENS, RxTTokenizer, pad_sequences
-from rxt.training.joint import (
+from rxt.training.loop import TrainConfig, train
+from rxt.training.stages.joint import (
     IGNORE_INDEX,
     JointConfig,
     JointStage,
@@ -21,7 +22,6 @@ from rxt.training.joint import (
     mask_tokens,
     text_sequences,
 )
-from rxt.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 

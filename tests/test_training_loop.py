@@ -20,7 +20,7 @@ from rxt.training.loop import (
     param_groups,
     train,
 )
-from rxt.training.smat import SmatConfig, SmatStage
+from rxt.training.stages.smat import SmatConfig, SmatStage
 
 VOCAB = 464
 SHORT = probes.ProbeConfig(max_turns=4, max_distance=3)

@@ -15,14 +15,14 @@ from rxt.data import probes
 from rxt.data.dialogue import Dialogue
 from rxt.tokenizer import RxTTokenizer
 from rxt.training.loop import TrainConfig, train
-from rxt.training.memory_pretrain import (
+from rxt.training.stages.memory import (
     MemoryPretrainConfig,
     MemoryPretrainStage,
     interaction_read,
     pseudo_target,
     rms_norm,
 )
-from rxt.training.smat import initial_stm
+from rxt.training.stages.smat import initial_stm
 
 pytestmark = pytest.mark.numerics  # rerun under each lower CPU capability
 

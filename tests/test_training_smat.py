@@ -13,7 +13,7 @@ from rxt import ReactiveTransformer, RxTConfig
 from rxt.data import probes
 from rxt.data.dialogue import Dialogue
 from rxt.tokenizer import RxTTokenizer
-from rxt.training.smat import (
+from rxt.training.stages.smat import (
     SmatConfig,
     SmatStage,
     initial_stm,

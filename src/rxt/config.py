@@ -2,8 +2,9 @@
 
 A configuration is a tree of frozen dataclasses. Every field is checked when the object is
 built, so a bad value fails at construction with a message that names the field
-(``decoder.num_query_heads``), never later inside a matrix multiply. Configurations
-round-trip through ``config.json``.
+(``decoder.num_query_heads``), never later inside a matrix multiply (types from the hints by
+the common base :class:`rxt.validated.Validated`, ranges by each class's ``validate``).
+Configurations round-trip through ``config.json``.
 
 Head counts decide the attention type (paper §3, "Attention heads"):
 
@@ -21,12 +22,17 @@ The head width is always ``d_model / H``; SQA keeps it and uses fewer query head
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
+
+# ConfigError is imported from here (and from rxt) by users: re-exported from its module.
+from rxt.validated import ConfigError as ConfigError
+from rxt.validated import Validated
+from rxt.validated import fail as _fail
+from rxt.validated import positive as _positive
 
 MemoryAttentionVariant = Literal["simple", "self", "interlayer", "gated-self-interlayer"]
 GateType = Literal["dynamic", "static", "none"]
@@ -38,104 +44,8 @@ StmInit = Literal["random", "learned"]
 CONFIG_FILE = "config.json"
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _fail(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}")
-
-
-class _Validated:
-    """Mixin: type-check fields on construction and (de)serialise dataclass trees."""
-
-    def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            _check_type(f.name, value, hints[f.name])
-        self.validate()
-
-    def validate(self) -> None:
-        """Cross-field checks; subclasses override."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], path: str = ""):
-        if not isinstance(data, dict):
-            raise _fail(
-                path.rstrip(".") or cls.__name__, f"expected an object, got {type(data).__name__}"
-            )
-        hints = get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise _fail(
-                f"{path}{unknown[0]}", f"unknown field (known fields: {', '.join(sorted(names))})"
-            )
-        kwargs = {}
-        for name, value in data.items():
-            sub = hints[name]
-            sub_cls = _dataclass_in(sub)
-            if sub_cls is not None and isinstance(value, dict):
-                value = sub_cls.from_dict(value, f"{path}{name}.")
-            kwargs[name] = value
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            # Nested objects report field names relative to themselves; add where they sit.
-            raise ConfigError(f"{path}{exc}") from None
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    candidates = get_args(hint) or (hint,)
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, _Validated):
-            return c
-    return None
-
-
-def _check_type(path: str, value: Any, hint: Any) -> None:
-    """Check ``value`` against a (simple) type hint: int, float, bool, str, Literal, X | None."""
-    args = get_args(hint)
-    origin = getattr(hint, "__origin__", None)
-    if origin is Literal:
-        if value not in args:
-            raise _fail(path, f"must be one of {list(args)}, got {value!r}")
-        return
-    if args and type(None) in args:  # Optional
-        if value is None:
-            return
-        inner = [a for a in args if a is not type(None)]
-        _check_type(path, value, inner[0])
-        return
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _fail(path, f"must be true or false, got {value!r}")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(path, f"must be an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(path, f"must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise _fail(path, f"must be finite, got {value!r}")
-    elif hint is str:
-        if not isinstance(value, str):
-            raise _fail(path, f"must be a string, got {value!r}")
-    elif isinstance(hint, type) and issubclass(hint, _Validated) and not isinstance(value, hint):
-        raise _fail(path, f"must be an object ({hint.__name__}), got {type(value).__name__}")
-
-
-def _positive(path: str, value: int | float) -> None:
-    if value <= 0:
-        raise _fail(path, f"must be > 0, got {value}")
-
-
 @dataclass(frozen=True)
-class AttentionConfig(_Validated):
+class AttentionConfig(Validated):
     """Head counts of one attention block. ``num_heads`` (H) fixes the head width ``d/H``."""
 
     num_heads: int = 4
@@ -172,7 +82,7 @@ class AttentionConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class MoEConfig(_Validated):
+class MoEConfig(Validated):
     """Mixture-of-Experts feed-forward: top-k routing with a load-balancing loss."""
 
     num_experts: int = 8
@@ -192,7 +102,7 @@ class MoEConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class DecoderConfig(_Validated):
+class DecoderConfig(Validated):
     """Generator-decoder: causal self-attention → memory cross-attention → FFN (dense or MoE)."""
 
     self_attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -202,7 +112,7 @@ class DecoderConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class EncoderConfig(_Validated):
+class EncoderConfig(Validated):
     """Memory encoder: bidirectional self-attention → dense SwiGLU FFN; no memory access."""
 
     self_attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -210,7 +120,7 @@ class EncoderConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class MemoryConfig(_Validated):
+class MemoryConfig(Validated):
     """Short-Term Memory (STM) and the memory-attention network that writes it."""
 
     num_slots: int = 64  # S, slots per STM layer
@@ -238,7 +148,7 @@ class MemoryConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class RxTConfig(_Validated):
+class RxTConfig(Validated):
     """Complete Reactive Transformer configuration.
 
     ``num_layers`` (L) is shared: the decoder, the encoder, the memory-attention network and the
@@ -361,7 +271,7 @@ class RxTConfig(_Validated):
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, _Validated):
+        if isinstance(value, Validated):
             value = value.to_dict()
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)

@@ -9,6 +9,7 @@ Typical use::
 
     model = build_matched_baseline(rxt_config, tokenizer, train_dialogues, mode="full", seed=0)
     stage = StatelessStage(train_dialogues, tokenizer, "full", batch_size=16, seed=0)
+    # rxt.training.stages.stateless
     train(model, stage, TrainConfig(steps=...), out_dir)       # rxt.training.loop
     model, tokenizer = load_baseline(out_dir / "model")        # + tokenizer.json, baseline.json
     report = evaluate_stateless(model, tokenizer, test_dialogues, "full", replies=True)
@@ -31,16 +32,13 @@ from rxt.baselines.model import (
     matched_llama_config,
     rxt_parameter_count,
 )
-from rxt.baselines.train import StatelessBatch, StatelessStage
 
 __all__ = [
     "BASELINE_FILE",
     "MODES",
     "MatchedLlama",
     "Mode",
-    "StatelessBatch",
     "StatelessLlama",
-    "StatelessStage",
     "build_baseline",
     "build_matched_baseline",
     "full_sequence",

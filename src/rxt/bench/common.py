@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -61,12 +61,6 @@ class BenchSettings:
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-
-    @classmethod
-    def from_args(cls, args: object, **extra: object):
-        """Settings from an argparse namespace holding (at least) this class's fields."""
-        names = [f.name for f in fields(cls) if f.name not in extra and hasattr(args, f.name)]
-        return cls(**{name: getattr(args, name) for name in names}, **extra)
 
     def check_fits(self, max_seq_len: int) -> None:
         if self.query_tokens + 3 + self.answer_tokens > max_seq_len:

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rxt.config import ConfigError
 from rxt.data.dialogue import Dialogue, Probe, Turn
+from rxt.validated import Validated
 
 __all__ = [
     "ProbeConfig",
@@ -194,8 +194,9 @@ SMALL_TALK = (
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """Shape of the generated dialogues. Invalid values raise ``ConfigError`` naming the field."""
+class ProbeConfig(Validated):
+    """Shape of the generated dialogues. Invalid values raise ``ConfigError`` naming the field;
+    types are checked from the hints (:mod:`rxt.validated`; lists are stored as tuples)."""
 
     min_turns: int = 2  # short dialogues give a dense early training signal
     max_turns: int = 17  # must be >= max_distance + 1
@@ -209,57 +210,39 @@ class ProbeConfig:
     # at each. Later facts of the dialogue take any distance that fits.
     distances: tuple[int, ...] | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("min_turns", "max_turns", "max_distance", "extra_turns"):
-            value = getattr(self, name)
-            _require(type(value) is int, name, f"expected an integer, got {value!r}")
-        fpd = self.facts_per_dialogue
-        ok = isinstance(fpd, tuple | list) and len(fpd) == 2 and all(type(v) is int for v in fpd)
-        _require(ok, "facts_per_dialogue", f"expected (low, high) integers, got {fpd!r}")
-        object.__setattr__(self, "facts_per_dialogue", tuple(fpd))
-        if self.kinds is not None:
-            object.__setattr__(self, "kinds", tuple(self.kinds))
+    def validate(self) -> None:
+        fpd, kinds = self.facts_per_dialogue, self.active_kinds()
         if self.distances is not None:
-            ds = self.distances
-            ok = isinstance(ds, tuple | list) and bool(ds) and all(type(v) is int for v in ds)
-            _require(ok, "distances", f"expected a non-empty list of integers, got {ds!r}")
-            object.__setattr__(self, "distances", tuple(ds))
-        kinds = self.active_kinds()
+            self.require("distances", bool(self.distances), "must be a non-empty list")
         ok = bool(kinds) and len(set(kinds)) == len(kinds) and all(k in _KINDS for k in kinds)
-        _require(ok, "kinds", f"need distinct names from {fact_kinds()}, got {self.kinds!r}")
-        _require(self.min_turns >= 2, "min_turns", f"must be >= 2, got {self.min_turns}")
-        _require(
+        self.require("kinds", ok, f"need distinct names from {fact_kinds()}")
+        self.require("min_turns", self.min_turns >= 2, "must be >= 2")
+        self.require(
+            "max_turns",
             self.max_turns >= self.min_turns,
-            "max_turns",
-            f"must be >= min_turns = {self.min_turns}, got {self.max_turns}",
+            f"must be >= min_turns = {self.min_turns}",
         )
-        _require(self.max_distance >= 1, "max_distance", f"must be >= 1, got {self.max_distance}")
-        _require(
+        self.require("max_distance", self.max_distance >= 1, "must be >= 1")
+        self.require(
+            "max_turns",
             self.max_turns >= self.max_distance + 1,
-            "max_turns",
-            f"must be >= max_distance + 1 = {self.max_distance + 1} so every distance is "
-            f"reachable, got {self.max_turns}",
+            f"must be >= max_distance + 1 = {self.max_distance + 1} so every distance is reachable",
         )
-        _require(
-            1 <= fpd[0] <= fpd[1] <= len(kinds),
+        self.require(
             "facts_per_dialogue",
-            f"need 1 <= low <= high <= {len(kinds)} (the number of kinds), got {fpd!r}",
+            1 <= fpd[0] <= fpd[1] <= len(kinds),
+            f"need 1 <= low <= high <= {len(kinds)} (the number of kinds)",
         )
-        _require(self.extra_turns >= 0, "extra_turns", f"must be >= 0, got {self.extra_turns}")
+        self.require("extra_turns", self.extra_turns >= 0, "must be >= 0")
         if self.distances is not None:
             bad = [v for v in self.distances if not 1 <= v <= self.max_distance]
-            _require(not bad, "distances", f"must be in 1..max_distance, got {bad}")
+            if bad:
+                raise self.error("distances", f"must be in 1..max_distance, got {bad}")
         rate = self.unasked_fact_rate
-        ok = type(rate) in (int, float) and 0 <= rate <= 1  # NaN fails the range test
-        _require(ok, "unasked_fact_rate", f"must be a number in [0, 1], got {rate!r}")
+        self.require("unasked_fact_rate", 0 <= rate <= 1, "must be a number in [0, 1]")
 
     def active_kinds(self) -> tuple[str, ...]:
         return tuple(_KINDS) if self.kinds is None else self.kinds
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
 
 
 def fact_kinds() -> list[str]:

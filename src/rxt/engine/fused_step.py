@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from rxt.model.cache import MemoryKV
 from rxt.model.decoder import DecoderLayer
-from rxt.model.feedforward import MoEFeedForward
 from rxt.model.reactive_transformer import ReactiveTransformer
-from rxt.model.rope import RopeAngles
+from rxt.nn import MoEFeedForward, RopeAngles
 
 
 class _FusedLayer:
@@ -77,7 +76,7 @@ class _FusedLayer:
         moe: MoEFeedForward = self.layer.ffn
         if h.device.type != "cpu":
             return moe.infer(h)
-        _, top_idx, top_w = moe._route(h)  # the module's own (float32) routing
+        _, top_idx, top_w = moe.route(h)  # the module's own (float32) routing
         by_expert: dict[int, list[tuple[int, int]]] = {}
         for row, experts in enumerate(top_idx.tolist()):
             for slot, e in enumerate(experts):

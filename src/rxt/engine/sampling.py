@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from rxt.validated import Validated
+
 __all__ = [
     "RowSampling",
     "SamplingParams",
@@ -36,17 +38,11 @@ __all__ = [
 ]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass(frozen=True)
-class SamplingParams:
-    """How one turn's answer is decoded. ``temperature == 0`` is greedy; 0/1 turn filters off."""
+class SamplingParams(Validated):
+    """How one turn's answer is decoded. ``temperature == 0`` is greedy; 0/1 turn filters off.
+    Invalid values raise ``ConfigError`` (a ``ValueError``) naming the field; types are checked
+    from the hints (:mod:`rxt.validated`)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -57,26 +53,23 @@ class SamplingParams:
     stop_at_eos: bool = True
     seed: int | None = None
 
-    def __post_init__(self) -> None:
-        def bad(field: str, rule: str) -> ValueError:
-            return ValueError(f"{field}: must be {rule}, got {getattr(self, field)!r}")
-
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an int >= 1")
-        if not _is_real(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "an int >= 0")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "in (0, 1]")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a finite number > 0")
-        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise bad("min_new_tokens", f"an int in [0, max_new_tokens={self.max_new_tokens}]")
-        if not isinstance(self.stop_at_eos, bool):
-            raise bad("stop_at_eos", "a bool")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
-            raise bad("seed", "None or an int in [0, 2**64)")
+    def validate(self) -> None:
+        self.require("max_new_tokens", self.max_new_tokens >= 1, "must be an int >= 1")
+        self.require("temperature", self.temperature >= 0, "must be a finite number >= 0")
+        self.require("top_k", self.top_k >= 0, "must be an int >= 0")
+        self.require("top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        self.require(
+            "repetition_penalty", self.repetition_penalty > 0, "must be a finite number > 0"
+        )
+        self.require(
+            "min_new_tokens",
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"must be an int in [0, max_new_tokens={self.max_new_tokens}]",
+        )
+        seed = self.seed
+        self.require(
+            "seed", seed is None or 0 <= seed < 2**64, "must be None or an int in [0, 2**64)"
+        )
         for name in ("temperature", "top_p", "repetition_penalty"):  # ints in, floats stored
             object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -87,9 +80,6 @@ class SamplingParams:
     def replace(self, **changes: Any) -> SamplingParams:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:

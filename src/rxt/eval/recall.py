@@ -28,7 +28,7 @@ Dialogues are processed ``batch_size`` at a time and turn by turn: interactions 
 attention masks, rows leaving the batch as their dialogue ends. Probe answers are generated for
 all of a turn's probe rows at once: prompts left-padded with an attention mask, memory K/V
 projected once, one KV cache, one cached step per token until every row has emitted ``[EOS]``
-(:func:`rxt.generation.greedy_batch`, equal to :func:`rxt.generation.greedy_answer` row by
+(:func:`rxt.engine.greedy.greedy_batch`, equal to :func:`rxt.engine.greedy.greedy_answer` row by
 row). Results equal those of ``batch_size=1`` up to floating-point summation order.
 """
 
@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 
 from rxt.data.dialogue import Dialogue, Probe
-from rxt.generation import greedy_batch
+from rxt.engine.greedy import greedy_batch
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import EncodedInteraction, RxTTokenizer, pad_sequences
 

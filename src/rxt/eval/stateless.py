@@ -64,7 +64,7 @@ def greedy_replies(
     batch_size: int = 32,
 ) -> list[list[int]]:
     """Greedy reply ids for each prompt, ending with ``eos_id`` if produced (as
-    :func:`rxt.generation.greedy_batch`), ``max_new_tokens`` at most.
+    :func:`rxt.engine.greedy.greedy_batch`), ``max_new_tokens`` at most.
 
     A KV-cached argmax loop over left-padded batches (positions follow the attention mask, so a
     padded row sees the positions it would see alone). Written out rather than calling

@@ -1,5 +1,5 @@
-"""Model components: attention, feed-forward, decoder, encoder, the Short-Term Memory
-(``model.memory``), the assembled RxT and its checkpoints (``model.checkpoint``)."""
+"""The RxT model: decoder, encoder, the Short-Term Memory (``model.memory``), the assembled
+model and its checkpoints (``model.checkpoint``), built from the blocks of ``rxt.nn``."""
 
 from rxt.model.cache import KVCache, MemoryKV
 from rxt.model.reactive_transformer import DecoderOutput, ReactiveTransformer

@@ -12,12 +12,9 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.model.attention import Attention
+from rxt.model import blocks
 from rxt.model.cache import KVCache, MemoryKV
-from rxt.model.checkpointing import run_layer
-from rxt.model.feedforward import MoEFeedForward, SwiGLU
-from rxt.model.norm import RMSNorm
-from rxt.model.rope import RopeAngles
+from rxt.nn import MoEFeedForward, RMSNorm, RopeAngles, run_layer
 
 
 @dataclass
@@ -45,17 +42,16 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = config.d_model
         self.norm_self = RMSNorm(d, config.norm_eps)
-        self.self_attn = Attention.from_config(
+        self.self_attn = blocks.attention(
             config, config.decoder.self_attention, rope_queries=True, rope_keys=True, dropout=True
         )
         self.norm_cross = RMSNorm(d, config.norm_eps)
         self.norm_memory = RMSNorm(d, config.norm_eps)
-        self.cross_attn = Attention.from_config(
+        self.cross_attn = blocks.attention(
             config, config.decoder.cross_attention, rope_queries=True, rope_keys=False, dropout=True
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)
-        moe = config.decoder.moe
-        self.ffn = MoEFeedForward(d, moe) if moe else SwiGLU(d, config.decoder.ffn_dim)
+        self.ffn = blocks.feedforward(d, config.decoder.ffn_dim, config.decoder.moe)
         self.drop = nn.Dropout(config.dropout)  # residual dropout, training mode only
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

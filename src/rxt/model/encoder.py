@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.model.attention import Attention, padding_mask
-from rxt.model.checkpointing import run_layer
-from rxt.model.feedforward import SwiGLU
-from rxt.model.norm import RMSNorm
+from rxt.model import blocks
+from rxt.nn import RMSNorm, SwiGLU, padding_mask, run_layer
 
 
 class EncoderLayer(nn.Module):
@@ -22,7 +20,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         d = config.d_model
         self.norm_attn = RMSNorm(d, config.norm_eps)
-        self.self_attn = Attention.from_config(
+        self.self_attn = blocks.attention(
             config, config.encoder.self_attention, rope_queries=True, rope_keys=True, dropout=True
         )
         self.norm_ffn = RMSNorm(d, config.norm_eps)

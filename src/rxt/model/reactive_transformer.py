@@ -37,13 +37,12 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.model.attention import padding_mask
 from rxt.model.cache import KVCache, MemoryKV
 from rxt.model.decoder import DecodeContext, GeneratorDecoder
 from rxt.model.encoder import MemoryEncoder, MLMHead
-from rxt.model.feedforward import MoEFeedForward
 from rxt.model.memory.memory_attention import MemoryAttention
 from rxt.model.memory.stm import StmInitializer
+from rxt.nn import MoEFeedForward, padding_mask
 
 if TYPE_CHECKING:
     from rxt.tokenizer import RxTTokenizer

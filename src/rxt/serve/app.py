@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(model, settings, keys)``.
 
-Routes live in :mod:`rxt.serve.routes_chat`, :mod:`rxt.serve.routes_responses` and
-:mod:`rxt.serve.routes_conversations`; this module wires the engine, the store, the turn service,
+Routes live in :mod:`rxt.serve.routes.chat`, :mod:`rxt.serve.routes.responses` and
+:mod:`rxt.serve.routes.conversations`; this module wires the engine, the store, the turn service,
 authentication, the body-size limit, metrics and the error handlers together.
 """
 
@@ -87,9 +87,9 @@ def create_app(
 
     app.add_middleware(CountRequests, metrics=metrics)
 
-    from rxt.serve import routes_chat, routes_conversations, routes_responses
+    from rxt.serve.routes import chat, conversations, responses
 
-    for module in (routes_chat, routes_responses, routes_conversations):
+    for module in (chat, responses, conversations):
         app.include_router(module.router, dependencies=[Depends(owner)])
 
     @app.get("/v1/models", dependencies=[Depends(owner)])

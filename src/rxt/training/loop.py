@@ -93,6 +93,7 @@ from rxt.training.log import EVAL_FILE as EVAL_FILE
 from rxt.training.log import LOG_FILE as LOG_FILE
 from rxt.training.log import Logger, truncate_log
 from rxt.training.parallel import data_parallel, rank_seed, release
+from rxt.validated import Validated
 
 __all__ = [
     "CheckpointMismatch",
@@ -106,8 +107,11 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Invalid values raise ``ValueError`` naming the field."""
+class TrainConfig(Validated):
+    """Optimisation settings. Invalid values raise ``ConfigError`` (a ``ValueError``) naming the
+    field (``TrainConfig.lr: ...``); types are checked from the hints (:mod:`rxt.validated`)."""
+
+    error_prefix = "TrainConfig."
 
     steps: int
     lr: float = 3e-3
@@ -121,43 +125,18 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     grad_accum: int = 1  # micro-batches per optimiser step, per process (module docstring)
 
-    def __post_init__(self) -> None:
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"TrainConfig.{name}: {message}, got {getattr(self, name)!r}")
-
-        for name in (
-            "steps", "warmup_steps", "seed", "log_every", "checkpoint_every", "grad_accum"
-        ):  # fmt: skip
-            if type(getattr(self, name)) is not int:
-                fail(name, "must be an int")
-        if self.steps < 1:
-            fail("steps", "must be >= 1")
-        if self.warmup_steps < 0:
-            fail("warmup_steps", "must be >= 0")
-        if self.log_every < 1:
-            fail("log_every", "must be >= 1")
-        if self.checkpoint_every < 0:
-            fail("checkpoint_every", "must be >= 0")
-        if self.grad_accum < 1:
-            fail("grad_accum", "must be >= 1")
+    def validate(self) -> None:
+        self.require("steps", self.steps >= 1, "must be >= 1")
+        self.require("warmup_steps", self.warmup_steps >= 0, "must be >= 0")
+        self.require("log_every", self.log_every >= 1, "must be >= 1")
+        self.require("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0")
+        self.require("grad_accum", self.grad_accum >= 1, "must be >= 1")
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                fail(name, "must be a number")
-            if not math.isfinite(value) or value < 0:
-                fail(name, "must be finite and >= 0")
-        if self.lr <= 0:
-            fail("lr", "must be > 0")
-        if self.min_lr_ratio > 1:
-            fail("min_lr_ratio", "must be in [0, 1]")
-        betas = self.betas
-        if not (
-            isinstance(betas, tuple | list)
-            and len(betas) == 2
-            and all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
-        ):
-            fail("betas", "must be two numbers in [0, 1)")
-        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+            self.require(name, getattr(self, name) >= 0, "must be >= 0")
+        self.require("lr", self.lr > 0, "must be > 0")
+        self.require("min_lr_ratio", self.min_lr_ratio <= 1, "must be in [0, 1]")
+        self.require("betas", all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

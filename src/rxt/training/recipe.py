@@ -30,7 +30,6 @@ error names the file and the dotted key (``recipe.yaml: stages.smat.train.lr: ..
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 from rxt.config import ConfigError, RxTConfig
 from rxt.training.loop import TrainConfig
+from rxt.validated import UnknownFieldError, Validated, is_int
 
 __all__ = [
     "STAGES",
@@ -108,21 +108,18 @@ class Recipe:
         return build_dataclass(TrainConfig, self.stage(name).train, self, f"stages.{name}.train")
 
 
-def build_dataclass(cls: type, values: Mapping[str, Any], recipe: Recipe, key: str) -> Any:
-    """``cls(**values)`` with errors naming the recipe key; lists become tuples (YAML has no
-    tuples) so frozen configs compare equal across a save and load."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise recipe.error(key, f"unknown field(s) {unknown}; known: {sorted(names)}")
+def build_dataclass(
+    cls: type[Validated], values: Mapping[str, Any], recipe: Recipe, key: str
+) -> Any:
+    """``cls.from_dict(values)`` (a :class:`rxt.validated.Validated` config: types from the
+    hints, lists stored as tuples, unknown fields rejected) with errors naming the recipe file
+    and key."""
     try:
-        return cls(**{k: _tuples(v) for k, v in values.items()})
+        return cls.from_dict(dict(values))
+    except UnknownFieldError as err:
+        raise recipe.error(key, f"unknown field(s) {err.unknown}; known: {err.known}") from None
     except (TypeError, ValueError) as err:
         raise recipe.error(key, str(err)) from None
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
@@ -146,7 +143,7 @@ def _files(value: Any, path: Path, key: str) -> tuple[Path, ...]:
 def _int(value: Any, path: Path, key: str, default: int, low: int) -> int:
     if value is None:
         return default
-    if type(value) is not int or value < low:
+    if not is_int(value) or value < low:
         raise RecipeError(f"{path}: {key}: expected an integer >= {low}, got {value!r}")
     return value
 

@@ -152,7 +152,7 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
     key = f"stages.{stage}"
     kind = spec.kind
     if kind in ("joint", "sft"):
-        from rxt.training.joint import (
+        from rxt.training.stages.joint import (
             JointConfig,
             JointStage,
             interaction_sequences,
@@ -170,7 +170,7 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
             sequences = interaction_sequences(dialogues, model.tokenizer, max_len)
         return model, JointStage(sequences, model.tokenizer, config, seed=spec.seed, name=kind)
     if kind == "memory":
-        from rxt.training.memory_pretrain import MemoryPretrainConfig, MemoryPretrainStage
+        from rxt.training.stages.memory import MemoryPretrainConfig, MemoryPretrainStage
 
         config = build_dataclass(MemoryPretrainConfig, spec.config, recipe, f"{key}.config")
         model = _start_model(stage, recipe, out, init)
@@ -178,7 +178,7 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
         dialogues = _dialogues(spec.data, f"{key}.data", recipe, model.tokenizer, max_len)
         return model, MemoryPretrainStage(dialogues, model.tokenizer, config, seed=spec.seed)
     if kind == "smat":
-        from rxt.training.smat import SmatConfig, SmatStage
+        from rxt.training.stages.smat import SmatConfig, SmatStage
 
         config = build_dataclass(SmatConfig, spec.config, recipe, f"{key}.config")
         model = _start_model(stage, recipe, out, init)
@@ -186,14 +186,10 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
         dialogues = _dialogues(spec.data, f"{key}.data", recipe, model.tokenizer, max_len)
         return model, SmatStage(dialogues, model.tokenizer, config, seed=spec.seed)
     # The stateless baselines: parameter-matched to the RxT model of this recipe.
-    from rxt.baselines import (
-        StatelessStage,
-        build_baseline,
-        full_sequence,
-        load_baseline,
-        matched_llama_config,
-    )
+    from rxt.baselines import build_baseline, full_sequence, load_baseline, matched_llama_config
+    from rxt.training.stages.stateless import StatelessConfig, StatelessStage
 
+    config = build_dataclass(StatelessConfig, spec.config, recipe, f"{key}.config")
     tokenizer = _tokenizer(out)
     mode = kind.removeprefix("stateless-")
     rxt_config = recipe.model_config(tokenizer.vocab_size)
@@ -213,14 +209,7 @@ def _build(stage: str, recipe: Recipe, out: Path, init: str | None) -> tuple[Any
         longest = max(len(full_sequence(tokenizer, d).input_ids) for d in dialogues)
         matched = matched_llama_config(rxt_config, max_positions=max(longest, BASELINE_CONTEXT))
         model = build_baseline(matched.config, seed=spec.seed, tokenizer=tokenizer, mode=mode)
-    known = {"batch_size", "length_groups"}
-    extra = sorted(set(spec.config) - known)
-    if extra:
-        raise recipe.error(f"{key}.config", f"unknown field(s) {extra}; known: {sorted(known)}")
-    try:
-        stage_obj = StatelessStage(dialogues, tokenizer, mode, seed=spec.seed, **spec.config)
-    except (TypeError, ValueError) as err:
-        raise recipe.error(f"{key}.config", str(err)) from None
+    stage_obj = StatelessStage(dialogues, tokenizer, mode, seed=spec.seed, **config.to_dict())
     return model, stage_obj
 
 

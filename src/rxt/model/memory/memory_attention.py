@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from rxt.config import RxTConfig
-from rxt.model.attention import Attention
-from rxt.model.checkpointing import run_layer
+from rxt.model import blocks
 from rxt.model.memory.gate import ResidualGate
-from rxt.model.norm import RMSNorm
+from rxt.nn import RMSNorm, run_layer
 
 _PRE_STEP_SOURCE = {
     "simple": None,
@@ -50,7 +49,7 @@ class SlotPreStep(nn.Module):
         self.source = source
         self.norm_q = RMSNorm(d, config.norm_eps)
         self.norm_kv = RMSNorm(d, config.norm_eps)
-        self.attn = Attention.from_config(
+        self.attn = blocks.attention(
             config, config.memory.attention, rope_queries=False, rope_keys=False
         )
         self.gate = ResidualGate(d, config.memory)
@@ -80,7 +79,7 @@ class MemoryAttentionLayer(nn.Module):
         self.pre_step = SlotPreStep(config, source) if source else None
         self.norm_q = RMSNorm(d, config.norm_eps)
         self.norm_ed = RMSNorm(d, config.norm_eps)
-        self.write = Attention.from_config(
+        self.write = blocks.attention(
             config, config.memory.attention, rope_queries=False, rope_keys=True
         )
         self.gate = ResidualGate(d, config.memory)

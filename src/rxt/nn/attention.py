@@ -10,63 +10,68 @@ Shapes: ``x: (B, T, d)``; queries ``(B, H_q, T, hd)``; keys/values ``(B, H_kv, T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rxt.config import AttentionConfig, RxTConfig
-from rxt.model.rope import RotaryEmbedding
+from rxt.nn.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class AttentionBlockConfig:
+    """What one attention block needs. ``num_heads`` (H) fixes the head width ``d_model / H``;
+    ``query_heads`` (H_q ≤ H: SQA) and ``kv_heads`` (H_kv | H_q: GQA/MQA) are the heads used.
+    RoPE tables cover ``max_positions`` positions; ``dropout`` applies to the attention weights
+    in training mode only."""
+
+    d_model: int
+    num_heads: int
+    query_heads: int
+    kv_heads: int
+    rope_queries: bool = False
+    rope_keys: bool = False
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # The model validates its config with field paths; these guard direct use of the block.
+        if self.num_heads < 1 or self.d_model % self.num_heads:
+            raise ValueError(f"num_heads must divide d_model={self.d_model}, got {self.num_heads}")
+        if not 1 <= self.query_heads <= self.num_heads:
+            raise ValueError(
+                f"query_heads must be in [1, {self.num_heads}], got {self.query_heads}"
+            )
+        if self.kv_heads < 1 or self.query_heads % self.kv_heads:
+            raise ValueError(
+                f"kv_heads must divide query_heads={self.query_heads}, got {self.kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
 
 
 class Attention(nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        heads: AttentionConfig,
-        *,
-        rope_queries: bool,
-        rope_keys: bool,
-        max_positions: int,
-        rope_theta: float,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, config: AttentionBlockConfig) -> None:
         super().__init__()
-        self.dropout = dropout  # on attention weights, training mode only
-        self.head_dim = d_model // heads.num_heads
-        self.num_query_heads = heads.query_heads
-        self.num_kv_heads = heads.kv_heads
+        d_model = config.d_model
+        self.dropout = config.dropout  # on attention weights, training mode only
+        self.head_dim = config.head_dim
+        self.num_query_heads = config.query_heads
+        self.num_kv_heads = config.kv_heads
         self.q_proj = nn.Linear(d_model, self.num_query_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_query_heads * self.head_dim, d_model, bias=False)
-        self.rope_queries = rope_queries
-        self.rope_keys = rope_keys
+        self.rope_queries = config.rope_queries
+        self.rope_keys = config.rope_keys
         self.rope = (
-            RotaryEmbedding(self.head_dim, max_positions, rope_theta)
-            if rope_queries or rope_keys
+            RotaryEmbedding(self.head_dim, config.max_positions, config.rope_theta)
+            if config.rope_queries or config.rope_keys
             else None
-        )
-
-    @classmethod
-    def from_config(
-        cls,
-        config: RxTConfig,
-        heads: AttentionConfig,
-        *,
-        rope_queries: bool,
-        rope_keys: bool,
-        dropout: bool = False,
-    ) -> Attention:
-        """An attention block of ``config``'s width and RoPE range with ``heads``; ``dropout``
-        enables ``config.dropout`` on its attention weights."""
-        return cls(
-            config.d_model,
-            heads,
-            rope_queries=rope_queries,
-            rope_keys=rope_keys,
-            max_positions=config.max_seq_len,
-            rope_theta=config.rope_theta,
-            dropout=config.dropout if dropout else 0.0,
         )
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rxt.serve import openai_format as fmt
 from rxt.serve.errors import APIError, bad_request, not_found
-from rxt.serve.routes_chat import check_model, sampling_of, turn_headers
+from rxt.serve.routes.chat import check_model, sampling_of, turn_headers
 from rxt.serve.schemas import ResponseRequest
 from rxt.serve.service import TurnService
 from rxt.serve.settings import Limits

@@ -35,6 +35,7 @@ from rxt.data.order import DialogueStream, length_groups
 from rxt.model.memory.gate_stats import record_gates
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer, pad_sequences
+from rxt.validated import Validated
 
 __all__ = [
     "SmatBatch",
@@ -48,11 +49,14 @@ ALL_MODULES = ("decoder", "memory_attention", "encoder", "embed", "lm_head", "st
 
 
 @dataclass(frozen=True)
-class SmatConfig:
+class SmatConfig(Validated):
     """``unfreeze``: ``(from_step, module names)`` pairs; a module trains from its ``from_step``
     on (names are attributes of the model, e.g. ``decoder``, ``memory_attention``, ``encoder``,
     ``embed``, ``lm_head``, ``stm_init``). With tied embeddings, ``embed`` and ``lm_head`` are one
-    tensor: it trains as soon as either does."""
+    tensor: it trains as soon as either does. Invalid values raise ``ConfigError`` (a
+    ``ValueError``) naming the field; types are checked from the hints (:mod:`rxt.validated`)."""
+
+    error_prefix = "SmatConfig."
 
     batch_size: int = 16
     gradient_horizon: int | None = None  # None = full back-propagation through memory updates
@@ -64,29 +68,17 @@ class SmatConfig:
     # interaction lengths vary. 1 = one pass over the whole batch.
     length_groups: int = 1
 
-    def __post_init__(self) -> None:
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"SmatConfig.{name}: {message}, got {getattr(self, name)!r}")
-
-        if type(self.batch_size) is not int or self.batch_size < 1:
-            fail("batch_size", "must be an int >= 1")
+    def validate(self) -> None:
+        self.require("batch_size", self.batch_size >= 1, "must be an int >= 1")
         h = self.gradient_horizon
-        if h is not None and (type(h) is not int or h < 1):
-            fail("gradient_horizon", "must be None (full) or an int >= 1")
-        if type(self.stm_seed) is not int or self.stm_seed < 0:
-            fail("stm_seed", "must be an int >= 0")
-        if type(self.length_groups) is not int or self.length_groups < 1:
-            fail("length_groups", "must be an int >= 1")
-        try:
-            schedule = tuple((int(s), tuple(names)) for s, names in self.unfreeze)
-        except (TypeError, ValueError):
-            fail("unfreeze", "must be a sequence of (from_step, (module names...)) pairs")
-        starts = [s for s, _ in schedule]
-        if not schedule or starts[0] != 0 or starts != sorted(starts):
-            fail("unfreeze", "needs increasing from_step values starting at 0")
-        if not all(names and all(isinstance(n, str) for n in names) for _, names in schedule):
-            fail("unfreeze", "each entry needs a non-empty tuple of module names")
-        object.__setattr__(self, "unfreeze", schedule)
+        self.require("gradient_horizon", h is None or h >= 1, "must be None (full) or an int >= 1")
+        self.require("stm_seed", self.stm_seed >= 0, "must be an int >= 0")
+        self.require("length_groups", self.length_groups >= 1, "must be an int >= 1")
+        starts = [s for s, _ in self.unfreeze]
+        ok = bool(starts) and starts[0] == 0 and starts == sorted(starts)
+        self.require("unfreeze", ok, "needs increasing from_step values starting at 0")
+        ok = all(names for _, names in self.unfreeze)
+        self.require("unfreeze", ok, "each entry needs a non-empty tuple of module names")
 
 
 @dataclass

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from rxt.cli.common import set_threads
 from rxt.engine import EngineError, StateError
 
 if TYPE_CHECKING:
-    from rxt.engine import Conversation, Engine
-    from rxt.model.reactive_transformer import ReactiveTransformer
+    from rxt.engine import Conversation, Engine, SamplingParams
 
 HELP = """\
 commands:
@@ -58,39 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 
-def _build_engine(args: argparse.Namespace) -> Engine:
+def _build_engine(
+    model_dir: str, sampling: SamplingParams, threads: int | None, device: str
+) -> Engine:
     """Model, tokenizer and engine; a user error raises ValueError/OSError with one line."""
-    import torch
+    from rxt.engine import Engine
+    from rxt.engine.load import load_text_model
 
-    from rxt.engine import Engine, SamplingParams
-
-    # Checked before the load, so a typo costs no wait.
-    names = [flag[2:].replace("-", "_") for flag, *_ in _SAMPLING]
-    sampling = SamplingParams(**{name: getattr(args, name) for name in names})
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    return Engine(load_text_model(args.model_dir, args.device), default_sampling=sampling)
-
-
-def load_text_model(model_dir: str, device_name: str) -> ReactiveTransformer:
-    """A saved model with its tokenizer on ``device_name`` (``--device``); a user error
-    raises ValueError or OSError with one line."""
-    import torch
-
-    from rxt.model.reactive_transformer import ReactiveTransformer
-
-    try:
-        device = torch.device(device_name)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {device_name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
-    model = ReactiveTransformer.from_pretrained(model_dir, device=device)
-    if model.tokenizer is None:
-        raise ValueError(f"{model_dir}: no tokenizer.json, so text cannot be encoded")
-    return model
+    set_threads(threads)
+    return Engine(load_text_model(model_dir, device), default_sampling=sampling)
 
 
 def _one_line(message: object) -> str:
@@ -101,8 +77,17 @@ def _one_line(message: object) -> str:
 class ChatSession:
     """One conversation driven by lines of text. Only the calling thread writes output."""
 
-    def __init__(self, engine: Engine, args: argparse.Namespace, out: TextIO, err: TextIO):
-        self.engine, self.args, self.out, self.err = engine, args, out, err
+    def __init__(
+        self,
+        engine: Engine,
+        out: TextIO,
+        err: TextIO,
+        *,
+        system: str | None = None,
+        seed: int | None = None,
+    ):
+        self.engine, self.out, self.err = engine, out, err
+        self.system, self.seed = system, seed  # every conversation's (also after /reset)
         # Update events arrive on the worker thread and are printed by the main thread, so a
         # status line can never land inside a streamed answer.
         self.events: queue.SimpleQueue = queue.SimpleQueue()
@@ -111,7 +96,7 @@ class ChatSession:
 
     def _new_conversation(self, state: bytes | None = None) -> Conversation:
         return self.engine.conversation(
-            self.args.system, seed=self.args.seed, state=state, on_update=self.events.put
+            self.system, seed=self.seed, state=state, on_update=self.events.put
         )
 
     def say(self, text: str = "", end: str = "\n") -> None:
@@ -244,26 +229,45 @@ class ChatSession:
 
 
 def run_chat(
-    args: argparse.Namespace,
+    model_dir: str,
     *,
+    system: str | None = None,
+    seed: int | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    threads: int | None = None,
+    device: str = "cpu",
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
-    """Interactive chat with the model in ``args.model_dir``; 0 when the user leaves, 2 on a
-    user error (printed as one line). Streams default to ``sys.*`` at call time, so captured
-    streams (pytest's capsys) are honoured."""
+    """Interactive chat with the model in ``model_dir``; 0 when the user leaves, 2 on a user
+    error (printed as one line). Streams default to ``sys.*`` at call time, so captured streams
+    (pytest's capsys) are honoured."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        engine = _build_engine(args)
+        from rxt.engine import SamplingParams
+
+        # Checked before the load, so a typo costs no wait.
+        sampling = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+        )
+        engine = _build_engine(model_dir, sampling, threads, device)
     except (ValueError, OSError) as exc:
         stderr.write(f"rxt chat: error: {_one_line(exc)}\n")
         return 2
     except KeyboardInterrupt:  # Ctrl-C while loading
         return 130
     try:
-        session = ChatSession(engine, args, stdout, stderr)
+        session = ChatSession(engine, stdout, stderr, system=system, seed=seed)
     except ValueError as exc:  # e.g. a system prompt longer than a turn
         engine.close()
         stderr.write(f"rxt chat: error: {_one_line(exc)}\n")

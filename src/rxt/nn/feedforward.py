@@ -6,11 +6,27 @@ same width while spending the same compute per token (top-k of E experts are act
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rxt.config import MoEConfig
+
+@dataclass(frozen=True)
+class MoEBlockConfig:
+    """What one MoE block needs: ``num_experts`` SwiGLU experts of hidden width ``expert_dim``,
+    ``top_k`` of them active per token."""
+
+    d_model: int
+    num_experts: int
+    top_k: int
+    expert_dim: int
+
+    def __post_init__(self) -> None:
+        # The model validates its config with field paths; this guards direct use of the block.
+        if min(self.d_model, self.expert_dim) < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"need sizes >= 1 and 1 <= top_k <= num_experts, got {self}")
 
 
 class SwiGLU(nn.Module):
@@ -34,8 +50,9 @@ class MoEFeedForward(nn.Module):
     Experts are stored as stacked weights ``(E, ...)`` rather than E small modules.
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+    def __init__(self, cfg: MoEBlockConfig) -> None:
         super().__init__()
+        d_model = cfg.d_model
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
@@ -59,7 +76,7 @@ class MoEFeedForward(nn.Module):
     def _route_and_mix(self, x: torch.Tensor):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits, top_idx, top_w = self._route(flat)
+        logits, top_idx, top_w = self.route(flat)
         threshold = self.gather_threshold
         if threshold is None:
             threshold = 0 if flat.device.type == "cpu" else 16
@@ -69,9 +86,10 @@ class MoEFeedForward(nn.Module):
             out = self._dispatched(flat, top_idx, top_w)
         return out.view(shape), logits, top_idx
 
-    def _route(self, flat: torch.Tensor):
+    def route(self, flat: torch.Tensor):
         """``flat: (N, d)`` → router logits ``(N, E)``, chosen experts ``(N, k)`` and their
-        mixing weights ``(N, k)``. One method so tests can record or pin the routing."""
+        mixing weights ``(N, k)``. One public method: the engine's fused decode step routes
+        through it, and tests record or pin the routing by replacing it."""
         # Routing in float32: in bf16 the rounding of near-tied router logits alone would flip
         # expert choices between otherwise equal computations (e.g. cached vs full decoding).
         logits = F.linear(flat.float(), self.router.weight.float())  # (N, E)

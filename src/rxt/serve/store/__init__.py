@@ -26,8 +26,8 @@ keeps one state blob per turn here. The store treats a state as opaque bytes and
   ``keep_versions`` keeps only the newest N versions of each conversation.
 
 :func:`open_store` picks the backend from a URL: ``redis://`` / ``rediss://`` →
-:class:`~rxt.serve.store_redis.RedisStore`, ``sqlite:///path`` or a plain path →
-:class:`~rxt.serve.store_sqlite.SQLiteStore`.
+:class:`~rxt.serve.store.redis.RedisStore`, ``sqlite:///path`` or a plain path →
+:class:`~rxt.serve.store.sqlite.SQLiteStore`.
 """
 
 from __future__ import annotations
@@ -38,19 +38,6 @@ import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
-
-__all__ = [
-    "Binding",
-    "ConversationInfo",
-    "StateStore",
-    "StoreConflict",
-    "StoreCorrupt",
-    "StoreError",
-    "StoreNotFound",
-    "StoredVersion",
-    "new_conversation_id",
-    "open_store",
-]
 
 MAX_ID_LEN = 256
 
@@ -289,7 +276,7 @@ def open_store(
     if not sep:
         path = url_or_path
     elif scheme.lower() in ("redis", "rediss"):
-        from rxt.serve.store_redis import RedisStore
+        from rxt.serve.store.redis import RedisStore
 
         return RedisStore(url_or_path, **kwargs)
     elif scheme.lower() == "sqlite" and rest.startswith("/") and rest != "/":
@@ -299,6 +286,6 @@ def open_store(
             f"unsupported state store URL {url_or_path!r}: use redis://host:port/db, "
             "sqlite:///absolute/path.db, or a plain file path"
         )
-    from rxt.serve.store_sqlite import SQLiteStore
+    from rxt.serve.store.sqlite import SQLiteStore
 
     return SQLiteStore(path, **kwargs)

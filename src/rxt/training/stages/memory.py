@@ -58,8 +58,9 @@ from rxt.data.dialogue import Dialogue
 from rxt.data.order import DialogueStream
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import RxTTokenizer
-from rxt.training.joint import _seed
-from rxt.training.smat import initial_stm
+from rxt.training.stages.joint import _seed
+from rxt.training.stages.smat import initial_stm
+from rxt.validated import Validated
 
 __all__ = [
     "MemoryPretrainBatch",
@@ -75,8 +76,11 @@ _EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MemoryPretrainConfig:
-    """Settings of stage 3. Invalid values raise ``ValueError`` naming the field."""
+class MemoryPretrainConfig(Validated):
+    """Settings of stage 3. Invalid values raise ``ConfigError`` (a ``ValueError``) naming the
+    field; types are checked from the hints (:mod:`rxt.validated`)."""
+
+    error_prefix = "MemoryPretrainConfig."
 
     batch_size: int = 16
     w_first: float = 0.9  # weight of the new interaction at t = 1
@@ -88,29 +92,19 @@ class MemoryPretrainConfig:
     target_noise: float = 0.01  # Gaussian noise on the target, relative to RMS
     stm_seed: int = 0
 
-    def __post_init__(self) -> None:
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"MemoryPretrainConfig.{name}: {message}, got {getattr(self, name)!r}")
-
-        if type(self.batch_size) is not int or self.batch_size < 1:
-            fail("batch_size", "must be an int >= 1")
-        if type(self.stm_seed) is not int or self.stm_seed < 0:
-            fail("stm_seed", "must be an int >= 0")
+    def validate(self) -> None:
+        self.require("batch_size", self.batch_size >= 1, "must be an int >= 1")
+        self.require("stm_seed", self.stm_seed >= 0, "must be an int >= 0")
         for name in (
             "w_first", "w_start", "w_step", "w_floor", "jitter", "input_noise", "target_noise"
         ):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                fail(name, "must be a number")
-            if not math.isfinite(value) or value < 0:
-                fail(name, "must be finite and >= 0")
+            self.require(name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("w_first", "w_start", "w_floor"):
-            if not 0 < getattr(self, name) < 1:
-                fail(name, "must be in (0, 1)")
-        if self.w_floor > self.w_start:
-            fail("w_floor", f"must be <= w_start ({self.w_start})")
-        if self.jitter >= 1:
-            fail("jitter", "must be in [0, 1)")
+            self.require(name, 0 < getattr(self, name) < 1, "must be in (0, 1)")
+        self.require(
+            "w_floor", self.w_floor <= self.w_start, f"must be <= w_start ({self.w_start})"
+        )
+        self.require("jitter", self.jitter < 1, "must be in [0, 1)")
 
     def weight_schedule(self, t: int) -> float:
         """w_t without jitter, for the 1-based turn ``t``."""

@@ -34,7 +34,6 @@ deterministic per index, so a resumed run replays exactly the batches a straight
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from rxt.data.dialogue import Dialogue
 from rxt.data.order import EpochOrder
 from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.tokenizer import SPECIAL_TOKENS, RxTTokenizer, pad_sequences
+from rxt.validated import Validated
 
 __all__ = [
     "IGNORE_INDEX",
@@ -64,8 +64,11 @@ TRAINABLE = ("encoder", "decoder", "embed", "lm_head", "mlm_head")
 
 
 @dataclass(frozen=True)
-class JointConfig:
-    """Settings of stages 1–2. Invalid values raise ``ValueError`` naming the field."""
+class JointConfig(Validated):
+    """Settings of stages 1–2. Invalid values raise ``ConfigError`` (a ``ValueError``) naming
+    the field; types are checked from the hints (:mod:`rxt.validated`)."""
+
+    error_prefix = "JointConfig."
 
     batch_size: int = 32
     mask_rate: float = 0.15  # share of each row's maskable tokens chosen for MLM
@@ -75,26 +78,14 @@ class JointConfig:
     slot_dropout: float = 0.1  # probability that an encoder position is hidden from the decoder
     answer_only: bool = False  # AR loss only where the sequence's loss mask is 1
 
-    def __post_init__(self) -> None:
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"JointConfig.{name}: {message}, got {getattr(self, name)!r}")
-
-        if type(self.batch_size) is not int or self.batch_size < 1:
-            fail("batch_size", "must be an int >= 1")
+    def validate(self) -> None:
+        self.require("batch_size", self.batch_size >= 1, "must be an int >= 1")
         for name in ("mask_rate", "ar_weight", "mlm_weight", "noise_std", "slot_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                fail(name, "must be a number")
-            if not math.isfinite(value) or value < 0:
-                fail(name, "must be finite and >= 0")
-        if self.mask_rate > 1:
-            fail("mask_rate", "must be in [0, 1]")
-        if self.slot_dropout >= 1:
-            fail("slot_dropout", "must be in [0, 1)")
-        if self.ar_weight == 0 and self.mlm_weight == 0:
-            fail("mlm_weight", "ar_weight and mlm_weight cannot both be 0")
-        if not isinstance(self.answer_only, bool):
-            fail("answer_only", "must be a bool")
+            self.require(name, getattr(self, name) >= 0, "must be >= 0")
+        self.require("mask_rate", self.mask_rate <= 1, "must be in [0, 1]")
+        self.require("slot_dropout", self.slot_dropout < 1, "must be in [0, 1)")
+        both_zero = self.ar_weight == 0 and self.mlm_weight == 0
+        self.require("mlm_weight", not both_zero, "ar_weight and mlm_weight cannot both be 0")
 
 
 # ---------------------------------------------------------------------------------- data

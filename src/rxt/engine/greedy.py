@@ -106,7 +106,7 @@ def greedy_batch(
 
     Prompts are left-padded (attention mask, positions following the mask) and decoded with one
     KV cache. Each row's answer stops after ``eos_id`` (included, as in
-    :func:`rxt.generation.greedy_answer`) or ``max_new_tokens`` tokens; the loop ends when every
+    :func:`rxt.engine.greedy.greedy_answer`) or ``max_new_tokens`` tokens; the loop ends when every
     row has stopped.
     """
     b = len(prompts)

@@ -13,8 +13,22 @@ from rxt.baselines.data import Mode, check_mode, full_sequence
 from rxt.data.dialogue import Dialogue
 from rxt.data.order import DialogueStream, length_groups
 from rxt.tokenizer import RxTTokenizer, pad_sequences
+from rxt.validated import Validated, check_type, fail
 
-__all__ = ["StatelessBatch", "StatelessStage"]
+__all__ = ["StatelessBatch", "StatelessConfig", "StatelessStage"]
+
+
+@dataclass(frozen=True)
+class StatelessConfig(Validated):
+    """The options of a :class:`StatelessStage` a recipe may set (``stages.stateless-*.config``);
+    types are checked from the hints (:mod:`rxt.validated`)."""
+
+    batch_size: int = 16
+    length_groups: int = 1
+
+    def validate(self) -> None:
+        self.require("batch_size", self.batch_size >= 1, "must be an int >= 1")
+        self.require("length_groups", self.length_groups >= 1, "must be an int >= 1")
 
 
 @dataclass
@@ -77,13 +91,10 @@ class StatelessStage:
         length_groups: int = 1,
     ) -> None:
         check_mode(mode)
-        if type(length_groups) is not int or length_groups < 1:
-            raise ValueError(f"length_groups must be an int >= 1, got {length_groups!r}")
+        self.config = StatelessConfig(batch_size=batch_size, length_groups=length_groups)
         self.length_groups = length_groups
-        if type(batch_size) is not int or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if max_len is not None and (type(max_len) is not int or max_len < 1):
-            raise ValueError(f"max_len must be None or an int >= 1, got {max_len!r}")
+        if check_type("max_len", max_len, int | None) is not None and max_len < 1:
+            raise fail("max_len", f"must be None or an int >= 1, got {max_len!r}")
         # SMAT's stream rule and tag: the same dialogues as SmatStage at every batch index.
         self._stream = DialogueStream(dialogues, seed, tag="smat", what="a stateless stage")
         self.dialogues = self._stream.dialogues
