@@ -28,7 +28,7 @@ from rxt.data.synthetic import synthetic_corpus
 from rxt.serve.app import create_app
 from rxt.serve.auth import KeyRing
 from rxt.serve.settings import ServerSettings
-from rxt.tokenizer import RxTTokenizer
+from rxt.tokenizer import SPECIAL_TOKENS, RxTTokenizer
 
 MODEL_NAME = "rxt-test"
 CONVERSATION_HEADER = "X-RxT-Conversation-Id"
@@ -50,6 +50,30 @@ def small_model(seed: int = 0) -> ReactiveTransformer:
     model = ReactiveTransformer(RxTConfig.preset("tiny")).eval()
     model.tokenizer = tok
     return model
+
+
+def never_silent(model: ReactiveTransformer) -> ReactiveTransformer:
+    """Zero the LM-head rows of every token that shows no text by itself: the special tokens
+    (EOS would end an answer before its first word), byte-level fragments of a UTF-8
+    character (a random model strings them into answers that decode to nothing), control
+    characters and blanks. Their logits
+    are then 0 while a random model's hundreds of others are not all negative, so a greedy
+    answer always shows text, token by token — what a test that watches text stream needs.
+    (The LM head is untied in ``tiny``; the embeddings stay as they are.)"""
+    tok = model.tokenizer
+    silent = [
+        i
+        for i in range(model.config.vocab_size)
+        if i < len(SPECIAL_TOKENS) or not _visible(tok.decode([i]))
+    ]
+    assert model.lm_head.weight is not model.embed.weight
+    with torch.no_grad():
+        model.lm_head.weight[silent] = 0.0
+    return model
+
+
+def _visible(text: str) -> bool:
+    return bool(text.strip()) and text.isprintable() and "\ufffd" not in text
 
 
 def save_small_model(directory: Path, seed: int = 0) -> Path:

@@ -164,7 +164,7 @@ def warm_up(cluster: Cluster) -> None:
 
 
 def initial_state(engine: Engine, seed: int) -> bytes:
-    """Version 0 of a conversation, as the server builds it (``TurnService._load``): STM_0
+    """Version 0 of a conversation, as the server builds it (``TurnService.load``): STM_0
     drawn from the conversation's stored ``stm_seed``."""
     stm = engine.model.initial_stm(1, generator=torch.Generator().manual_seed(seed))
     return stm_to_bytes(stm, fingerprint=engine.fingerprint, metadata={"turns": "0"})
@@ -285,7 +285,7 @@ def test_alternating_servers_continue_one_memory(
     conversation draws a random ``stm_seed`` for its STM_0, so a second run would start from
     another memory. Instead the engine is driven directly (this process, one conversation,
     no store, no race) from the server's own version 0 — STM_0 drawn from the ``stm_seed``
-    in the conversation's metadata, then its system prompt, exactly as ``TurnService._load``
+    in the conversation's metadata, then its system prompt, exactly as ``TurnService.load``
     builds it — asking the same queries. Every reply must match the alternating servers'
     reply, and every stored version must hold the reference memory after that turn (to
     float tolerance: batching with other conversations changes float rounding, not the

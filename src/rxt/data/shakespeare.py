@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from rxt.data.dialogue import Dialogue, Turn
+from rxt.data.limits import check_limits, truncate
 from rxt.data.play_text import Speech, parse_play
 
 __all__ = [
@@ -172,14 +173,6 @@ def _speaker_key(speaker: str) -> str:
     return re.sub(r"[^a-z0-9]", "", speaker.lower())
 
 
-def _truncate(text: str, max_chars: int) -> str:
-    if len(text) <= max_chars:
-        return text
-    cut = text[: max_chars + 1]
-    space = cut.rfind(" ")
-    return (cut[:space] if space > 0 else text[:max_chars]).rstrip()
-
-
 def _scenes(speeches: Iterable[Speech]) -> Iterator[list[Speech]]:
     """Speeches grouped by section, consecutive speeches of one speaker merged."""
     scene: list[Speech] = []
@@ -198,12 +191,6 @@ def _scenes(speeches: Iterable[Speech]) -> Iterator[list[Speech]]:
         yield scene
 
 
-def _check_limits(max_turns: int, max_chars: int) -> None:
-    for name, value in (("max_turns", max_turns), ("max_chars", max_chars)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-
 def dialogues_from_speeches(
     speeches: Iterable[Speech],
     *,
@@ -213,7 +200,7 @@ def dialogues_from_speeches(
     spelling: Spelling = "modern",
 ) -> list[Dialogue]:
     """Dialogues from parsed speeches (see the module docstring for the construction)."""
-    _check_limits(max_turns, max_chars)
+    check_limits(max_turns, max_chars)
     dialogues: list[Dialogue] = []
     for scene in _scenes(speeches):
         for start in range(0, len(scene) - 1, 2 * max_turns):
@@ -222,7 +209,7 @@ def dialogues_from_speeches(
             if not pairs:
                 continue
             turns = tuple(
-                Turn(_truncate(q.text, max_chars), _truncate(a.text, max_chars)) for q, a in pairs
+                Turn(truncate(q.text, max_chars), truncate(a.text, max_chars)) for q, a in pairs
             )
             meta = {
                 "source": "shakespeare",
@@ -240,7 +227,7 @@ def play_dialogues(
     name: str, *, max_turns: int = 8, max_chars: int = 300, spelling: Spelling = "modern"
 ) -> list[Dialogue]:
     """The dialogues of one play, ids ``f"{name}-{index}"`` in play order."""
-    _check_limits(max_turns, max_chars)
+    check_limits(max_turns, max_chars)
     _check_spelling(spelling)
     play, path = _resolve(name, spelling)
     return dialogues_from_speeches(

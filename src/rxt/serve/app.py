@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(model, settings, keys)``.
 
-Routes live in :mod:`rxt.serve.routes.chat`, :mod:`rxt.serve.routes.responses` and
-:mod:`rxt.serve.routes.conversations`; this module wires the engine, the store, the turn service,
-authentication, the body-size limit, metrics and the error handlers together.
+Routes live in :mod:`rxt.serve.routes` (chat, responses, conversations, a conversation's memory
+summary and state file), the web page in :mod:`rxt.serve.page`; this module wires the engine,
+the store, the turn service, authentication, the body-size limit, metrics and the error
+handlers together.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rxt.model.reactive_transformer import ReactiveTransformer
 from rxt.serve.auth import KeyRing
 from rxt.serve.errors import APIError, error_body, install_error_handlers
 from rxt.serve.metrics import CONTENT_TYPE, Metrics
+from rxt.serve.page import install_page
 from rxt.serve.service import TurnService
 from rxt.serve.settings import ServerSettings
 from rxt.serve.store import open_store
@@ -87,10 +89,11 @@ def create_app(
 
     app.add_middleware(CountRequests, metrics=metrics)
 
-    from rxt.serve.routes import chat, conversations, responses
+    from rxt.serve.routes import chat, conversations, memory, responses, state
 
-    for module in (chat, responses, conversations):
+    for module in (chat, responses, conversations, memory, state):
         app.include_router(module.router, dependencies=[Depends(owner)])
+    install_page(app)
 
     @app.get("/v1/models", dependencies=[Depends(owner)])
     async def list_models() -> dict:

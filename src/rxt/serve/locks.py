@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 __all__ = ["LockTable"]
 
@@ -13,7 +14,9 @@ class LockTable:
     def __init__(self) -> None:
         self._locks: dict[tuple[str, str], list] = {}
 
-    async def acquire(self, key: tuple[str, str]) -> None:
+    async def acquire(self, key: tuple[str, str]) -> float:
+        """Take ``key``'s lock; returns the seconds spent waiting for another holder."""
+        began = time.perf_counter()
         entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
@@ -21,6 +24,7 @@ class LockTable:
         except BaseException:
             self._drop(key, entry)
             raise
+        return time.perf_counter() - began
 
     def release(self, key: tuple[str, str]) -> None:
         entry = self._locks[key]

@@ -87,10 +87,11 @@ class TurnService:
         started_at = time.perf_counter()
         owner = spec.owner
         sampling = self._sampling(spec)  # bad limits fail before any state is touched
+        waited = 0.0  # for this conversation's previous turn to be stored (shown per turn)
         if isinstance(spec.start, FromKey):
-            await self._local_commit(owner, spec.start.key)
+            waited = await self._local_commit(owner, spec.start.key)
         cid, version = await self._until_ready(self._target, spec)
-        await self.locks.acquire((owner, cid))
+        waited += await self.locks.acquire((owner, cid))
         try:
             # Under the lock no turn of this process is in flight on ``cid``; another
             # process's may be: _prepare waits for its commit before reading the latest.
@@ -110,7 +111,7 @@ class TurnService:
         except BaseException:
             self.locks.release((owner, cid))
             raise
-        return ActiveTurn(self, spec, cid, base, conv, stream, started_at, system)
+        return ActiveTurn(self, spec, cid, base, conv, stream, started_at, system, waited)
 
     def longest_prefix(self, owner: str, keys: list[str]) -> int:
         """The largest ``k >= 1`` whose key is bound (stored, or pending and recent); 0 if
@@ -163,19 +164,19 @@ class TurnService:
         version it names (None: the latest)."""
         start, owner = spec.start, spec.owner
         if isinstance(start, NewConversation):
-            return self._create(owner, start.system, start.metadata), None
+            return self.create(owner, start.system, start.metadata), None
         if isinstance(start, FromConversation):
             if self.store.get_conversation(owner, start.conversation_id) is None:
                 if not start.create:
                     raise not_found("conversation", start.conversation_id, "conversation")
                 with contextlib.suppress(StoreConflict):  # a concurrent request created it
-                    self._create(owner, start.system, {}, start.conversation_id)
+                    self.create(owner, start.system, {}, start.conversation_id)
             return start.conversation_id, None
         # A version _resolve returns holds this key's turn for good (versions never change),
         # so the locked part need not read the binding again.
         return self._resolve(owner, start, patient)
 
-    def _create(
+    def create(
         self,
         owner: str,
         system: str | None,
@@ -199,10 +200,14 @@ class TurnService:
         await self._local_commit(owner, start.key)
         return await self._until_ready(self._resolve, owner, start)
 
-    async def _local_commit(self, owner: str, key: str) -> None:
+    async def _local_commit(self, owner: str, key: str) -> float:
+        """Wait for this process's commit of ``key``'s turn, if pending; seconds waited."""
         local = self.pending.get((owner, key))
-        if local is not None:
-            await asyncio.wait([local.task])
+        if local is None:
+            return 0.0
+        began = time.perf_counter()
+        await asyncio.wait([local.task])
+        return time.perf_counter() - began
 
     async def _until_ready(self, fn: Callable, *args: Any) -> Any:
         """``fn(*args, patient)`` in the pool until it stops answering ``_WAIT`` (another
@@ -271,10 +276,10 @@ class TurnService:
                 "instructions into memory at the start, so they cannot change mid-conversation",
                 param="instructions",
             )
-        conv = self._load(owner, cid, base, meta)
+        conv = self.load(owner, cid, base, meta)
         if spec.commit and base < info.latest_version:
             parent = {"conversation_id": cid, "version": base}
-            cid = self._create(owner, system, {}, forked_from=parent, seed=meta.get("stm_seed"))
+            cid = self.create(owner, system, {}, forked_from=parent, seed=meta.get("stm_seed"))
             self.metrics.forks.inc()
             base = 0
         replay = spec.replay
@@ -319,7 +324,7 @@ class TurnService:
 
     async def seed(self, owner: str, system: str | None, metadata: dict, turns) -> str:
         """A new conversation holding ``turns`` (``POST /v1/conversations`` with items)."""
-        cid = await self.run(self._create, owner, system, metadata)
+        cid = await self.run(self.create, owner, system, metadata)
         if not turns:
             return cid
         await self.locks.acquire((owner, cid))
@@ -327,7 +332,7 @@ class TurnService:
 
             def work() -> None:
                 info = self.store.get_conversation(owner, cid)
-                conv = self._load(owner, cid, 0, info.metadata)
+                conv = self.load(owner, cid, 0, info.metadata)
                 self.replay(owner, cid, 0, conv, turns)
 
             await self.run(work)
@@ -338,7 +343,7 @@ class TurnService:
             self.locks.release((owner, cid))
         return cid
 
-    def _load(self, owner: str, cid: str, version: int, meta: dict) -> Conversation:
+    def load(self, owner: str, cid: str, version: int, meta: dict) -> Conversation:
         """An engine conversation holding the state after ``version`` (0: the start)."""
         engine = self.engine
         if version == 0:
@@ -347,7 +352,7 @@ class TurnService:
                 pinfo = self.store.get_conversation(owner, parent["conversation_id"])
                 if pinfo is None:
                     raise APIError(409, f"conversation {cid!r} forked from one since deleted")
-                return self._load(owner, parent["conversation_id"], parent["version"], {})
+                return self.load(owner, parent["conversation_id"], parent["version"], {})
             gen = torch.Generator().manual_seed(int(meta.get("stm_seed", 0)))
             conv = engine.conversation(stm=engine.model.initial_stm(1, generator=gen))
             if meta.get("system"):
@@ -396,7 +401,7 @@ class TurnService:
             if timing is None:
                 raise EngineError("the turn ended before it started: nothing to store")
             self.metrics.update_latency.observe(timing.latency_s)
-            await self.run(self._commit, turn, turn.stored_turn(turn.result()))
+            await self.run(self._commit, turn, turn.stored_turn(turn.result(), timing))
         except Exception:
             self.metrics.commit_failures.inc()
             log.exception("turn %d of conversation %s not stored", turn.turn, cid)
@@ -418,7 +423,7 @@ class TurnService:
         parent = {"conversation_id": cid, "version": turn.base_version}
         info = self.store.get_conversation(owner, cid)
         seed = info.metadata.get("stm_seed") if info else None
-        new = self._create(owner, turn.system, {}, forked_from=parent, seed=seed)
+        new = self.create(owner, turn.system, {}, forked_from=parent, seed=seed)
         self.metrics.forks.inc()
         self._append(owner, new, 0, state, record)
         moved = [key for key in turn.bound_keys if not key.startswith(NEXT_KEY)]

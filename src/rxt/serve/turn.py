@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rxt.engine import EngineError, SamplingParams, TurnResult
+from rxt.engine import EngineError, SamplingParams, TurnResult, UpdateTiming
 from rxt.engine.conversation import Conversation
 from rxt.engine.stream import TurnStream
 from rxt.serve.errors import APIError, store_status
@@ -99,6 +99,7 @@ class ActiveTurn:
         stream: TurnStream,
         started_at: float,
         system: str | None,
+        waited_s: float = 0.0,
     ) -> None:
         self.service = service
         self.spec = spec
@@ -110,6 +111,7 @@ class ActiveTurn:
         self.stream = stream
         self.ready = asyncio.Event()  # set from engine threads: tokens, end, update done
         self._started_at = started_at
+        self._waited_s = waited_s  # for the previous turn's commit, before this one began
         self._first_at: float | None = None
         self.bound_keys: list[str] = []  # alias keys bound pending on ``version`` (seal)
         self._result: TurnResult | None = None
@@ -211,7 +213,7 @@ class ActiveTurn:
             self.service.pending[self.spec.owner, key] = self
         await self.service.run(self.service.bind_pending, self)
 
-    def stored_turn(self, result: TurnResult) -> dict[str, Any]:
+    def stored_turn(self, result: TurnResult, timing: UpdateTiming) -> dict[str, Any]:
         return {
             "turn": self.turn,
             "user": self.spec.query,
@@ -224,5 +226,21 @@ class ActiveTurn:
             },
             "created_at": self.created,
             "keys": self.bound_keys,
+            "memory_update": self._update_record(result, timing),
             **self.spec.record,
+        }
+
+    def _update_record(self, result: TurnResult, timing: UpdateTiming) -> dict[str, float]:
+        """When this turn's memory update ran, in ms from the turn's start (request parsed),
+        and how long the turn first waited for the previous turn's update and commit — what
+        the web page shows to make the asynchronous update visible."""
+
+        def ms(instant: float) -> float:
+            return round((instant - self._started_at) * 1000, 3)
+
+        return {
+            "waited_ms": round((self._waited_s + result.waited_s) * 1000, 3),
+            "answer_ms": ms(timing.queued_at),  # the last token: the update is queued then
+            "started_ms": ms(timing.started_at),
+            "finished_ms": ms(timing.finished_at),
         }

@@ -7,18 +7,31 @@ the model itself only ever reads the newest state.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from rxt.serve import openai_format as fmt
-from rxt.serve.errors import bad_request, not_found
+from rxt.serve.errors import APIError, bad_request, not_found
 from rxt.serve.schemas import ConversationCreate
 from rxt.serve.service import TurnService
-from rxt.serve.store import ConversationInfo
+from rxt.serve.store import MAX_ID_LEN, ConversationInfo
 from rxt.serve.transcript import content_text, parse_messages
 
 router = APIRouter()
+
+# A conversation id in a path: visible ASCII, as the server makes them (``conv_…``) and as chat's
+# ``conversation_id`` allows. Anything else is refused (400 naming the field) before the store
+# is asked.
+ConversationId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_ID_LEN,
+        pattern=r"^[!-~]+$",
+        description="a conversation id: 1-256 visible ASCII characters",
+    ),
+]
 
 
 def conversation_object(info: ConversationInfo) -> dict:
@@ -33,12 +46,30 @@ def conversation_object(info: ConversationInfo) -> dict:
     }
 
 
-async def _info(request: Request, cid: str) -> ConversationInfo:
+async def conversation_info(request: Request, cid: str) -> ConversationInfo:
+    """The caller's conversation ``cid``; 404 if it is missing or another key's."""
     service: TurnService = request.app.state.service
     info = await service.run(service.store.get_conversation, request.state.owner, cid)
     if info is None:
         raise not_found("conversation", cid)
     return info
+
+
+async def stored_version(
+    request: Request, cid: str, version: int | None
+) -> tuple[ConversationInfo, int]:
+    """The caller's conversation and one of its versions (None: the latest; 0: its start)."""
+    info = await conversation_info(request, cid)
+    if version is None:
+        return info, info.latest_version
+    if version > info.latest_version:
+        raise APIError(
+            404,
+            f"conversation {cid!r} has no version {version}: its latest is {info.latest_version}",
+            param="version",
+            code="not_found",
+        )
+    return info, version
 
 
 @router.post("/v1/conversations")
@@ -65,7 +96,7 @@ async def create_conversation(body: ConversationCreate, request: Request):
         transcript = parse_messages([*messages, ("user", "")], limits, param="items")
         system, turns = transcript.system, transcript.turns
     cid = await service.seed(request.state.owner, system, metadata, turns)
-    return conversation_object(await _info(request, cid))
+    return conversation_object(await conversation_info(request, cid))
 
 
 @router.get("/v1/conversations")
@@ -77,7 +108,7 @@ async def list_conversations(request: Request, limit: int = Query(20, ge=1, le=1
 
 @router.get("/v1/conversations/{conversation_id}")
 async def get_conversation(conversation_id: str, request: Request):
-    return conversation_object(await _info(request, conversation_id))
+    return conversation_object(await conversation_info(request, conversation_id))
 
 
 @router.delete("/v1/conversations/{conversation_id}")
@@ -101,6 +132,8 @@ async def list_items(
     turns = await _turns(request, conversation_id)
     items = []
     for n, turn in enumerate(turns, 1):
+        if turn.get("imported"):  # a memory loaded from a file: no messages to list
+            continue
         items.append(fmt.message_item(f"msg_{n:06d}u", "user", turn.get("user", "")))
         items.append(fmt.message_item(f"msg_{n:06d}a", "assistant", turn.get("assistant", "")))
     if order == "desc":
@@ -129,6 +162,6 @@ async def list_turns(conversation_id: str, request: Request):
 
 
 async def _turns(request: Request, cid: str) -> list[dict]:
-    await _info(request, cid)
+    await conversation_info(request, cid)
     service: TurnService = request.app.state.service
     return await service.run(service.history, request.state.owner, cid)
