@@ -20,7 +20,9 @@ recall at k = 16 and 32, Shakespeare answer perplexity; then a Markdown table.
 ``--memory KEY=VALUE ...`` overrides fields of the memory config in every run (e.g.
 ``--memory num_slots=64`` or ``--memory variant=gated-self-interlayer``; values are read as JSON
 where they parse, else as strings) and tags the run directories with them: the same chain, the
-same data, another memory.
+same data, another memory. ``--plan KEY=VALUE ...`` overrides fields of :class:`DemoPlan` the
+same way (e.g. ``--plan long_train_dialogues=2000``: more long training dialogues; the test
+splits do not depend on it), also tagged in the run directories.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rxt.config import ConfigError, RxTConfig
 from rxt.demo.jobs import run_tasks
-from rxt.demo.pipeline import run_jobs, train_tokenizer, write_run
+from rxt.demo.pipeline import real_text, run_jobs, train_tokenizer, write_run
 from rxt.demo.plan import DemoPlan, model_overrides
 from rxt.demo.report import eval_systems
 from rxt.model.reactive_transformer import ReactiveTransformer
@@ -53,7 +56,7 @@ def _split(text: str) -> tuple[int, int]:
     return dec, enc
 
 
-def _memory_override(text: str) -> tuple[str, Any]:
+def _override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -64,9 +67,9 @@ def _memory_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def run_name(plan: DemoPlan, seed: int) -> str:
-    """``dDEC-eENC[-KEYVALUE...]-seedS``: the split, the memory overrides, the seed."""
-    tags = "".join(f"-{key}{value}" for key, value in plan.memory)
+def run_name(plan: DemoPlan, seed: int, plan_overrides: Sequence[tuple[str, Any]] = ()) -> str:
+    """``dDEC-eENC[-KEYVALUE...]-seedS``: the split, the memory and plan overrides, the seed."""
+    tags = "".join(f"-{key}{value}" for key, value in (*plan.memory, *plan_overrides))
     decoder, encoder = plan.ffn_dims
     return f"d{decoder}-e{encoder}{tags}-seed{seed}"
 
@@ -83,7 +86,7 @@ def prepare(plan: DemoPlan, run: Path, seed: int, current: bool) -> list:
     data = write_run(plan, run, seed)
     train_tokenizer(plan, run, data)
     skip = tuple(b for b in BASELINES if not (current and b in CURRENT))
-    return run_jobs(plan, run, "shakespeare-train" in data, prefix=f"{run.name}-", skip=skip)
+    return run_jobs(plan, run, real_text(data), prefix=f"{run.name}-", skip=skip)
 
 
 def summary(plan: DemoPlan, run: Path, seed: int) -> dict[str, Any]:
@@ -139,11 +142,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--memory",
-        type=_memory_override,
+        type=_override,
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help="memory config overrides for every run (e.g. num_slots=64)",
+    )
+    parser.add_argument(
+        "--plan",
+        type=_override,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DemoPlan overrides for every run (e.g. long_train_dialogues=2000)",
     )
     parser.add_argument("--smat", type=int, help="SMAT steps (default: the demo's)")
     parser.add_argument("--current", action="store_true", help="also the current-turn baseline")
@@ -159,12 +170,17 @@ def main() -> None:
         parameters(plan)  # an unknown field or bad value fails here, by name, not in a job
     except ConfigError as exc:
         parser.error(f"--memory: {exc}")
+    fields = {f.name for f in dataclasses.fields(DemoPlan)} - {"memory", "ffn_dims"}
+    unknown = sorted(key for key, _ in args.plan if key not in fields)
+    if unknown:
+        parser.error(f"--plan: unknown DemoPlan field(s) {unknown}; known: {sorted(fields)}")
+    plan = dataclasses.replace(plan, **dict(args.plan))
     started = time.perf_counter()
     runs, tasks = [], []
     for seed in args.seeds:
         for i, (dec, enc) in enumerate(args.splits):
             split = dataclasses.replace(plan, ffn_dims=(dec, enc))
-            run = args.out / run_name(split, seed)
+            run = args.out / run_name(split, seed, args.plan)
             tasks += prepare(split, run, seed, current=args.current and i == 0)
             runs.append((split, run, seed))
     job_times = run_tasks(tasks, args.out / "logs", workers=args.workers)

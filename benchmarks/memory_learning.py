@@ -49,6 +49,12 @@ def main() -> None:
     p.add_argument("--gate-projection", choices=("linear", "elementwise"), default="linear")
     p.add_argument("--gate-reference", choices=("previous", "pre_step"), default="previous")
     p.add_argument("--gate-init", type=float, default=0.5, help="G at initialisation")
+    p.add_argument(
+        "--stm-init",
+        choices=("random", "learned"),
+        default="random",
+        help="STM_0: fresh noise per dialogue, or one trained tensor",
+    )
     p.add_argument("--batch", type=int, default=16, help="SMAT dialogues per step")
     p.add_argument(
         "--train-facts",
@@ -65,6 +71,20 @@ def main() -> None:
         metavar="FRACTION",
         help="share of the two-turn dialogues mixed into SMAT (1 = all, 1:1 with the rest)",
     )
+    p.add_argument(
+        "--prefix-space",
+        action="store_true",
+        help="tokenizer encodes every text as ' ' + text (a value has one spelling in ids)",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        type=_override,
+        metavar="KEY=VALUE",
+        help="tiny preset overrides, dotted for nested fields (d_model=128 decoder.ffn_dim=256); "
+        "values are read as JSON",
+    )
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and training")
     p.add_argument("--save", metavar="DIR", help="save the trained model (and tokenizer) here")
     args = p.parse_args()
@@ -74,14 +94,22 @@ def main() -> None:
     texts = [
         t for d in train_dialogues[:5000] for turn in d.turns for t in (turn.query, turn.answer)
     ]
-    tok = RxTTokenizer.train(texts, vocab_size=args.vocab)
+    tok = RxTTokenizer.train(texts, vocab_size=args.vocab, prefix_space=args.prefix_space)
     memory = {
         "variant": args.variant,
         "gate_projection": args.gate_projection,
         "gate_reference": args.gate_reference,
         "gate_init": args.gate_init,
+        "stm_init": args.stm_init,
     }
-    model_config = RxTConfig.preset("tiny", vocab_size=tok.vocab_size, memory=memory)
+    overrides: dict = {"vocab_size": tok.vocab_size, "memory": memory}
+    for key, value in args.model:
+        *parents, leaf = key.split(".")
+        node = overrides
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    model_config = RxTConfig.preset("tiny", **overrides)
     torch.manual_seed(args.seed)
     model = ReactiveTransformer(model_config)
     model.tokenizer = tok
@@ -125,7 +153,19 @@ def main() -> None:
         }
         if r.replies is not None:
             result[memory]["errors"] = recall_errors(test, r.replies, tok)
-    print(json.dumps({"args": vars(args), "stages": stages, "eval": result}))
+    parameters = model.parameter_counts()["inference"]
+    summary = {"args": vars(args), "parameters": parameters, "stages": stages, "eval": result}
+    print(json.dumps(summary))
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
 
 
 def build_data(

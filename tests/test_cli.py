@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from rxt import ReactiveTransformer
 from rxt.bench.latency import LatencySettings
@@ -58,6 +59,13 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert systems["rxt"]["errors"]["probes"] == sum(systems["rxt"]["probes_by_distance"].values())
     assert sum(systems["rxt"]["probes_by_kind"].values()) == systems["rxt"]["errors"]["probes"]
     assert "## Recall (exact match) by fact kind" in markdown
+    # Both real-text corpora are trained on and evaluated by answer perplexity, every system.
+    for corpus, title in (("shakespeare", "## Shakespeare"), ("chitchat", "## Chit Chat")):
+        assert set(report[corpus]) >= {"rxt", "stateless-full-history", "stateless-current-turn"}
+        assert all(e["perplexity"] > 1 for e in report[corpus].values())
+        assert title in markdown
+    stages = yaml.safe_load((tmp_path / "recipe.yaml").read_text())["stages"]
+    assert "data/chitchat-train.jsonl" in stages["smat"]["data"]
     assert "## Wrong recall answers" in markdown
     # The scripted conversation was played, printed and reported (right or not: nothing learnt).
     conversation = report["conversation"]
@@ -70,7 +78,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"user: {SCRIPT[0].query}" in out and "rxt: " in out
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
-    assert model.tokenizer is not None
+    assert model.tokenizer is not None and model.tokenizer.prefix_space  # DemoPlan.prefix_space
     assert "report:" in out
 
 
@@ -133,6 +141,7 @@ def test_demo_long_reports_mean_and_spread_over_seeds(tmp_path):
         ["train", "smat", "--config", "r", "--out", "o"],
         ["eval", "m", "--data", "d"],
         ["data", "probes"],
+        ["data", "chitchat"],
     ],
 )
 def test_every_command_takes_its_parsed_flags_as_keywords(argv):

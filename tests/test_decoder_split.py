@@ -50,16 +50,20 @@ def test_a_run_trains_the_rxt_chain_with_the_split(tmp_path):
 
 def test_memory_overrides_reach_the_recipe_and_name_the_run(tmp_path):
     module = _module()
-    assert module._memory_override("num_slots=64") == ("num_slots", 64)
-    assert module._memory_override("variant=gated-self-interlayer") == (
+    assert module._override("num_slots=64") == ("num_slots", 64)
+    assert module._override("variant=gated-self-interlayer") == (
         "variant",
         "gated-self-interlayer",
     )
     with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
-        module._memory_override("num_slots")
+        module._override("num_slots")
     plan = dataclasses.replace(DemoPlan.quick(), memory=(("num_slots", 16),))
     assert module.run_name(plan, 2) == "d224-e32-num_slots16-seed2"
     assert module.run_name(DemoPlan(), 0) == "d224-e32-seed0"
+    overrides = [("long_train_dialogues", 2000)]
+    assert (
+        module.run_name(plan, 1, overrides) == "d224-e32-num_slots16-long_train_dialogues2000-seed1"
+    )
     run = tmp_path / module.run_name(plan, 0)
     module.prepare(plan, run, 0, current=False)
     spec = yaml.safe_load((run / "recipe.yaml").read_text())

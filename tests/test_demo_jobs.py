@@ -77,6 +77,18 @@ def test_demo_training_files_share_no_dialogue_with_any_held_out_split(tmp_path)
     for name in ("probes-train", "probes-long-train", "warmup"):
         assert not keys(name) & held_out, name
     assert not keys("probes-valid") & keys("probes-test")
+    # The real-text corpora: held out by play and by conversation, nothing shared.
+    for corpus in ("shakespeare", "chitchat"):
+        assert not keys(f"{corpus}-train") & keys(f"{corpus}-test"), corpus
+        sources = {
+            d.meta.get("conversation") or d.meta.get("play")
+            for d in read_dialogues(tmp_path / f"{corpus}-train.jsonl")
+        }
+        held = {
+            d.meta.get("conversation") or d.meta.get("play")
+            for d in read_dialogues(tmp_path / f"{corpus}-test.jsonl")
+        }
+        assert sources and held and not sources & held, corpus
     # The long splits reach the distances they are for.
     long_test = read_dialogues(tmp_path / "probes-long-test.jsonl")
     wanted = set(plan.long_test_distances)

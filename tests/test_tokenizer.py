@@ -61,9 +61,12 @@ def _corpus(n: int = 400, seed: int = 0) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tok() -> RxTTokenizer:
-    return RxTTokenizer.train(iter(_corpus()), vocab_size=400, min_frequency=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "prefix-space"])
+def tok(request: pytest.FixtureRequest) -> RxTTokenizer:
+    """Every test below holds with and without the prefix space."""
+    return RxTTokenizer.train(
+        iter(_corpus()), vocab_size=400, min_frequency=2, prefix_space=request.param
+    )
 
 
 # ---------------------------------------------------------------- special tokens / vocab
@@ -178,9 +181,12 @@ def test_loaded_tokenizer_also_ignores_special_strings(tok: RxTTokenizer, tmp_pa
 
 def test_decode_skip_special_tokens(tok: RxTTokenizer) -> None:
     enc = tok.encode_interaction("hi", "yo")
-    assert tok.decode(enc.input_ids) == "hiyo"
-    assert tok.decode(enc.input_ids, skip_special_tokens=False) == "[BOS][Q]hi[A]yo[EOS]"
-    assert tok.decode(torch.tensor(enc.input_ids)) == "hiyo"
+    # Query and answer are separate texts, each with its own space under a prefix-space
+    # tokenizer; decode drops only the one that starts its output.
+    sp = " " if tok.prefix_space else ""
+    assert tok.decode(enc.input_ids) == f"hi{sp}yo"
+    assert tok.decode(enc.input_ids, skip_special_tokens=False) == f"[BOS][Q]{sp}hi[A]{sp}yo[EOS]"
+    assert tok.decode(torch.tensor(enc.input_ids)) == f"hi{sp}yo"
     with pytest.raises(ValueError, match="1-D"):
         tok.decode(torch.tensor([enc.input_ids]))
     with pytest.raises(ValueError, match="non-negative"):
@@ -336,3 +342,43 @@ def test_from_file_without_specials(tmp_path: Path) -> None:
     path.write_text(Tokenizer(models.BPE()).to_str(), encoding="utf-8")
     with pytest.raises(ValueError, match=r"plain\.json.*\[PAD\]"):
         RxTTokenizer.from_file(path)
+
+
+# ---------------------------------------------------------------- prefix space
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+@pytest.mark.parametrize("word", ["memory", "decoder", "Rex", "437", "teacher"])
+def test_prefix_space_gives_a_word_one_spelling(word: str) -> None:
+    # An answer is encoded on its own: with the prefix space its ids are the ids the word has
+    # inside a sentence, whatever the merges; without it, the start-of-text spelling differs.
+    texts = [f"{s} {w} now." for s in _corpus(200) for w in ("memory", "decoder", "Rex", "437")]
+    spaced = RxTTokenizer.train(texts, vocab_size=400, prefix_space=True)
+    plain = RxTTokenizer.train(texts, vocab_size=400)
+    assert spaced.prefix_space and not plain.prefix_space
+    for sentence in (f"My dog is called {word}.", f"{word} is what I said.", f"so: {word}"):
+        assert _contains(spaced.encode(sentence), spaced.encode(word)), sentence
+    if word in ("memory", "decoder"):  # frequent in training: merged with their space
+        assert not _contains(plain.encode(f"My dog is called {word}."), plain.encode(word))
+
+
+def test_prefix_space_keeps_a_leading_space_apart() -> None:
+    spaced = RxTTokenizer.train(_corpus(), vocab_size=300, prefix_space=True)
+    assert spaced.encode(" x") != spaced.encode("x")
+    assert spaced.decode(spaced.encode(" x")) == " x"
+    # A window inside a text (streaming) keeps the space that separates it from the last word.
+    ids = spaced.encode("the model reads")
+    split = next(i for i in range(1, len(ids)) if spaced.decode(ids[i:], start=False)[0] == " ")
+    assert spaced.decode(ids[:split]) + spaced.decode(ids[split:], start=False) == "the model reads"
+
+
+def test_prefix_space_is_saved_with_the_tokenizer(tmp_path: Path) -> None:
+    for flag in (False, True):
+        trained = RxTTokenizer.train(_corpus(), vocab_size=300, prefix_space=flag)
+        trained.save(tmp_path / f"{flag}.json")
+        loaded = RxTTokenizer.from_file(tmp_path / f"{flag}.json")
+        assert loaded.prefix_space is flag
+        assert loaded.encode("my cat reads") == trained.encode("my cat reads")

@@ -116,6 +116,8 @@ def test_missing_previous_stage_is_a_clear_error(data_dir, tmp_path):
         ("stages: {x: {kind: smat, from: nowhere}}\n", "stages.x.from: no stage 'nowhere'"),
         ("stages: {smat: {epochs: 3}}\n", r"stages.smat: unknown key\(s\) \['epochs'\]"),
         ("tokenizer: {vocab_size: 10}\n", "tokenizer.vocab_size: expected an integer >= 264"),
+        ("tokenizer: {vocab_sise: 300}\n", r"tokenizer: unknown key\(s\) \['vocab_sise'\]"),
+        ("tokenizer: {prefix_space: 1}\n", "tokenizer.prefix_space: expected true or false"),
         ("trainer: 1\n", r"unknown top-level key\(s\) \['trainer'\]"),
         ("stages: [1, 2]\n", "stages: expected a mapping"),
         ("model: {preset: tiny\n", "not valid YAML"),
@@ -137,6 +139,17 @@ def test_recipe_errors_name_the_file_and_key(tmp_path, body, message):
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(path)
     assert str(path) in str(err.value)
+
+
+def test_tokenizer_stage_trains_with_the_recipes_prefix_space(data_dir, tmp_path):
+    spec = yaml.safe_load(_recipe(data_dir).read_text())
+    for flag in (False, True):
+        spec["tokenizer"]["prefix_space"] = flag
+        path = data_dir / f"recipe-prefix-{flag}.yaml"  # beside the data it names
+        path.write_text(yaml.safe_dump(spec))
+        run_stage("tokenizer", path, tmp_path / str(flag), progress=False)
+        tok = RxTTokenizer.from_file(tmp_path / str(flag) / "tokenizer" / "tokenizer.json")
+        assert tok.prefix_space is flag
 
 
 def test_stage_config_errors_name_the_key(data_dir, tmp_path):

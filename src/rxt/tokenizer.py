@@ -18,6 +18,16 @@ ordinary bytes, so a user cannot inject control tokens into the sequence.
 
 Byte-level BPE (on top of Hugging Face ``tokenizers``) means every UTF-8 string round-trips
 exactly through :meth:`RxTTokenizer.encode` / :meth:`RxTTokenizer.decode`.
+
+**Prefix space** (``RxTTokenizer.train(..., prefix_space=True)``, the GPT-2/RoBERTa
+``add_prefix_space``). Byte-level BPE splits text into words that carry their leading space, so
+without it a word has two spellings in ids: ``" Rex"`` inside a sentence and ``"Rex"`` at the
+start of a text. An answer is encoded on its own, so "My dog is called Rex." states the value in
+one spelling and the answer "Rex" must produce it in the other (measured with the demo's 512-token
+vocabulary: ``" tea" "c" "her"`` against ``"t" "e" "a" "c" "her"``). With the prefix space every
+text is encoded as ``" " + text`` and decoded without that one space, so a word is the same ids
+wherever it stands. The choice is stored in ``tokenizer.json`` (the byte-level pre-tokenizer's
+``add_prefix_space``), so a saved tokenizer encodes as it did when it was trained.
 """
 
 from __future__ import annotations
@@ -116,6 +126,9 @@ class RxTTokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tok = tokenizer
+        # The backend would add the space itself, but only before text that does not already
+        # start with one: adding it here keeps " x" and "x" apart, so round trips stay exact.
+        self._prefix = " " if getattr(tokenizer.pre_tokenizer, "add_prefix_space", False) else ""
 
     @classmethod
     def train(
@@ -124,8 +137,10 @@ class RxTTokenizer:
         vocab_size: int = 8192,
         min_frequency: int = 2,
         show_progress: bool = False,
+        prefix_space: bool = False,
     ) -> RxTTokenizer:
-        """Train a byte-level BPE tokenizer on an iterable of strings (a generator is fine)."""
+        """Train a byte-level BPE tokenizer on an iterable of strings (a generator is fine);
+        ``prefix_space``: encode every text as ``" " + text`` (module docstring)."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         if vocab_size < MIN_VOCAB_SIZE:
@@ -137,7 +152,7 @@ class RxTTokenizer:
             raise TypeError("texts must be an iterable of str, not a single str")
 
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -210,12 +225,28 @@ class RxTTokenizer:
     mask_id = _SpecialId("[MASK]")
     unk_id = _SpecialId("[UNK]")
 
+    @property
+    def prefix_space(self) -> bool:
+        """Whether every text is encoded as ``" " + text`` (module docstring)."""
+        return bool(self._prefix)
+
     def encode(self, text: str) -> list[int]:
         """Plain text to ids; no special tokens are added or recognised in ``text``."""
-        return self._tok.encode(_check_str(text, "text"), add_special_tokens=False).ids
+        text = _check_str(text, "text")
+        if text:  # the space goes before a first word: an empty text stays no ids
+            text = self._prefix + text
+        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        """Ids to text. Ids beyond the vocabulary (e.g. a padded embedding) are dropped."""
+    def decode(
+        self,
+        ids: Sequence[int] | torch.Tensor,
+        skip_special_tokens: bool = True,
+        *,
+        start: bool = True,
+    ) -> str:
+        """Ids to text. Ids beyond the vocabulary (e.g. a padded embedding) are dropped.
+        ``start=False``: the ids continue a text (a streaming window), so a prefix-space
+        tokenizer keeps their leading space, which then separates two words."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
                 raise ValueError(f"decode expects a 1-D tensor, got shape {tuple(ids.shape)}")
@@ -223,7 +254,10 @@ class RxTTokenizer:
         ids = [int(i) for i in ids]
         if any(i < 0 for i in ids):
             raise ValueError(f"token ids must be non-negative, got {min(ids)}")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if start and self._prefix and text.startswith(self._prefix):
+            return text[len(self._prefix) :]
+        return text
 
     def encode_query(self, query: str) -> list[int]:
         """The inference prompt ``[BOS][Q] query [A]``."""

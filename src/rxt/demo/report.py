@@ -2,7 +2,7 @@
 training step, latency by turn).
 
 ``report.json`` = ``{"systems": {name: entry}, "ablations": {...}, "long": {name: entry},
-"learning_curves": {name: [{step, recall, ...}]}, "shakespeare": {...},
+"learning_curves": {name: [{step, recall, ...}]}, "shakespeare": {...}, "chitchat": {...},
 "targets": [...], "training": {...}, "latency": [...], "conversation": [...], "settings": {...},
 ...}``; each system entry holds ``recall_by_distance`` (distance → exact match),
 ``recall_by_kind`` (probe kind → exact match), ``perplexity``, ``accuracy``, ``reward``
@@ -243,6 +243,7 @@ def write_report(
         if (evals / f"{name}.json").is_file()
     }
     shakespeare = eval_systems(evals, "shakespeare-")
+    chitchat = eval_systems(evals, "chitchat-")
     long_systems = eval_systems(evals, "long-")
     parameters = _parameters(out / "runs")
     curves = learning_curves(out / "runs")
@@ -252,6 +253,7 @@ def write_report(
         "long": long_systems,
         "learning_curves": curves,
         "shakespeare": shakespeare,
+        "chitchat": chitchat,
         "targets": check_targets(systems, shakespeare, conversation),
         "training": _training(out / "runs", job_times),
         "parameters": parameters,

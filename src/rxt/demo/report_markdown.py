@@ -45,6 +45,12 @@ ERROR_COLUMNS = {
     "malformed": "not_a_value",
     "wrong at first token": "wrong_first_token",
 }
+# Real-text corpora in the report (answer perplexity and accuracy of every system).
+REAL_TEXT_TITLES = {
+    "shakespeare": "Shakespeare (held-out plays)",
+    "chitchat": "Chit Chat (held-out conversations)",
+}
+
 ABLATIONS = {
     "ablation-no-memory": "without stage 3",
     "ablation-horizon-1": "gradient horizon 1, not full",
@@ -101,14 +107,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += curve_lines(report.get("learning_curves", {}), report["settings"].get("eval_every"))
     lines += kind_table(systems)
     lines += error_table(systems)
-    if report["shakespeare"]:
-        lines += [
-            "## Shakespeare (held-out plays), answer tokens",
-            "",
-            "| system | ppl | acc |",
-            "|---|---|---|",
-        ]
-        for name, e in report["shakespeare"].items():
+    for key, title in REAL_TEXT_TITLES.items():
+        if not report.get(key):
+            continue
+        lines += [f"## {title}, answer tokens", "", "| system | ppl | acc |", "|---|---|---|"]
+        for name, e in report[key].items():
             lines.append(f"| {name} | {fmt(e['perplexity'])} | {fmt(e['accuracy'])} |")
         lines.append("")
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]

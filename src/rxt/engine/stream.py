@@ -162,8 +162,9 @@ class TurnStream:
         # since ``_prefix`` with and without the newest ones, emit the difference. BPE pieces
         # that only form a character together decode to U+FFFD until complete: hold them back.
         ids = self._ids
-        before = self._tokenizer.decode(ids[self._prefix : self._read])
-        after = self._tokenizer.decode(ids[self._prefix :])
+        start = self._prefix == 0  # the window begins the answer (tokenizer.decode's start)
+        before = self._tokenizer.decode(ids[self._prefix : self._read], start=start)
+        after = self._tokenizer.decode(ids[self._prefix :], start=start)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         new = after[len(before) :]

@@ -8,6 +8,7 @@ Layout (every section optional except the ones a stage needs)::
     tokenizer:
       vocab_size: 1024
       min_frequency: 2
+      prefix_space: true         # encode every text as " " + text (rxt.tokenizer); default false
       data: [data/train.jsonl, data/plays.txt]
     stages:
       joint:                     # stage 1; also sft (2), memory (3), smat (4),
@@ -87,6 +88,7 @@ class Recipe:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     vocab_size: int = 1024
     min_frequency: int = 2
+    prefix_space: bool = False
     tokenizer_data: tuple[Path, ...] = ()
     stages: Mapping[str, StageRecipe] = field(default_factory=dict)
 
@@ -120,6 +122,9 @@ def build_dataclass(
         raise recipe.error(key, f"unknown field(s) {err.unknown}; known: {err.known}") from None
     except (TypeError, ValueError) as err:
         raise recipe.error(key, str(err)) from None
+
+
+_TOKENIZER_KEYS = {"vocab_size", "min_frequency", "prefix_space", "data"}
 
 
 def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
@@ -190,6 +195,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if preset not in RxTConfig.presets():
         raise RecipeError(f"{path}: model.preset: unknown {preset!r}; {RxTConfig.presets()}")
     tok = _mapping(top.get("tokenizer"), path, "tokenizer")
+    extra = sorted(set(tok) - _TOKENIZER_KEYS)
+    if extra:
+        known = ", ".join(sorted(_TOKENIZER_KEYS))
+        raise RecipeError(f"{path}: tokenizer: unknown key(s) {extra}; known: {known}")
+    prefix_space = tok.get("prefix_space", False)
+    if not isinstance(prefix_space, bool):
+        raise RecipeError(f"{path}: tokenizer.prefix_space: expected true or false")
     stages: dict[str, StageRecipe] = {}
     for name, body in _mapping(top.get("stages"), path, "stages").items():
         body = _mapping(body, path, f"stages.{name}")
@@ -219,6 +231,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         overrides=_mapping(model.get("overrides"), path, "model.overrides"),
         vocab_size=_int(tok.get("vocab_size"), path, "tokenizer.vocab_size", 1024, 264),
         min_frequency=_int(tok.get("min_frequency"), path, "tokenizer.min_frequency", 2, 1),
+        prefix_space=prefix_space,
         tokenizer_data=_files(tok.get("data"), path, "tokenizer.data"),
         stages=stages,
     )

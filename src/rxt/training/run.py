@@ -238,7 +238,10 @@ def run_stage(
         if context.is_main:  # under torchrun every rank runs this; one writes
             texts = load_texts(recipe.tokenizer_data, "tokenizer.data", recipe)
             tokenizer = RxTTokenizer.train(
-                texts, vocab_size=recipe.vocab_size, min_frequency=recipe.min_frequency
+                texts,
+                vocab_size=recipe.vocab_size,
+                min_frequency=recipe.min_frequency,
+                prefix_space=recipe.prefix_space,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path)
