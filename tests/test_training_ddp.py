@@ -91,6 +91,7 @@ class CrashingStage:
 
     def __init__(self, inner, at):
         self.inner, self.at, self.name = inner, at, inner.name
+        self.varying_calls = inner.varying_calls  # what FSDP2 may shard (test_training_fsdp)
 
     def trainable(self, model, step):
         return self.inner.trainable(model, step)
@@ -112,6 +113,7 @@ class PartlyUnused:
 
     def __init__(self, inner):
         self.inner, self.name = inner, inner.name
+        self.varying_calls = inner.varying_calls  # what FSDP2 may shard (test_training_fsdp)
 
     def trainable(self, model, step):
         return self.inner.trainable(model, step)
@@ -283,18 +285,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_equal_one_process_with_grad_accum(tokenizer, tmp_path):
-    tokenizer_path = tmp_path / "tokenizer.json"
+def launch_torchrun(script: str, out: Path, tokenizer: RxTTokenizer) -> subprocess.Popen:
+    """``script OUT TOKENIZER`` (a test file's worker) as a 2-process torchrun job on loopback,
+    one CPU thread each; ``out`` is created and the tokenizer saved beside it."""
+    out.mkdir()
+    tokenizer_path = out.parent / "tokenizer.json"
     tokenizer.save(tokenizer_path)
-    ddp = tmp_path / "ddp"
-    ddp.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        __file__, str(ddp), str(tokenizer_path),
+        script, str(out), str(tokenizer_path),
     ]  # fmt: skip
-    launched = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish_torchrun(launched: subprocess.Popen, timeout: float) -> None:
+    """Wait for a :func:`launch_torchrun` job; fail with its output if it failed or hung."""
+    try:
+        output, _ = launched.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launched.terminate()  # torchrun passes SIGTERM on to its workers
+        output, _ = launched.communicate(timeout=30)
+        pytest.fail(f"torchrun timed out:\n{output.decode(errors='replace')[-4000:]}")
+    assert launched.returncode == 0, output.decode(errors="replace")[-4000:]
+
+
+def test_torchrun_two_processes_equal_one_process_with_grad_accum(tokenizer, tmp_path):
+    ddp = tmp_path / "ddp"
+    launched = launch_torchrun(__file__, ddp, tokenizer)
 
     # Meanwhile, the single-process references: two micro-batches per step.
     single = tmp_path / "single"
@@ -303,13 +322,7 @@ def test_torchrun_two_processes_equal_one_process_with_grad_accum(tokenizer, tmp
     moe = make_model("moe")
     train(moe, moe_stage(tokenizer), per_process(MOE, 1), single / "moe", progress=False)
 
-    try:
-        output, _ = launched.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        launched.terminate()  # torchrun passes SIGTERM on to its workers
-        output, _ = launched.communicate(timeout=30)
-        pytest.fail(f"torchrun timed out:\n{output.decode(errors='replace')[-4000:]}")
-    assert launched.returncode == 0, output.decode(errors="replace")[-4000:]
+    finish_torchrun(launched, timeout=120)
     ranks = [torch.load(ddp / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     # Only rank 0 wrote: checkpoints of dense (2), moe (1), straight (2), crashed (1) and

@@ -33,15 +33,19 @@ class CheckpointError(ValueError):
     """A checkpoint could not be loaded; the message names the file and what is wrong."""
 
 
-def _state(model: ReactiveTransformer) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def _state(
+    model: ReactiveTransformer, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict() if state is None else state)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same storage as embed.weight; stored once
     return state
 
 
-def _tensors_to_save(model: ReactiveTransformer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in _state(model).items()}
+def _tensors_to_save(
+    model: ReactiveTransformer, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in _state(model, state).items()}
 
 
 def _temp_path(directory: Path, name: str) -> str:
@@ -50,10 +54,16 @@ def _temp_path(directory: Path, name: str) -> str:
     return tmp
 
 
-def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) -> None:
+def save_pretrained(
+    model: ReactiveTransformer,
+    directory: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write every file under a temporary name first and rename them into place only once all
     are complete: an error while writing (disk full, bad tensor) leaves the previous model in
-    ``directory`` untouched — its weights *and* its config.json, which must stay a pair."""
+    ``directory`` untouched — its weights *and* its config.json, which must stay a pair.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's,
+    gathered whole; as Hugging Face's ``save_pretrained(state_dict=...)``)."""
     tokenizer = model.tokenizer
     if tokenizer is not None:
         # Refuse here rather than write a checkpoint that from_pretrained would reject.
@@ -65,7 +75,7 @@ def save_pretrained(model: ReactiveTransformer, directory: str | os.PathLike) ->
         tmp = _temp_path(directory, WEIGHTS_FILE)
         staged.append((tmp, directory / WEIGHTS_FILE))
         metadata = {"format": "pt", "rxt_format_version": FORMAT_VERSION}
-        save_file(_tensors_to_save(model), tmp, metadata=metadata)
+        save_file(_tensors_to_save(model, state_dict), tmp, metadata=metadata)
 
         tmp = _temp_path(directory, CONFIG_FILE)
         staged.append((tmp, directory / CONFIG_FILE))

@@ -10,7 +10,9 @@ Layout, ``out_dir/checkpoint/`` (never a pickle of arbitrary objects)::
 
 Under data parallelism rank 0 writes it alone, with every rank's RNG state (``rng_ranks`` in
 ``optimizer.pt``, ``python_rng_ranks`` in ``trainer_state.json``); every rank reads it on resume
-and takes its own streams back (:mod:`rxt.training.loop`).
+and takes its own streams back (:mod:`rxt.training.loop`). Under FSDP2 the weights and the
+optimiser state are first gathered whole to rank 0 (:mod:`rxt.training.sharding`), so the files
+are the same whichever ``TrainConfig.parallel`` wrote them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "restore_rng_state",
     "rng_state",
     "save_checkpoint",
+    "save_model",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -82,24 +85,35 @@ def _python_state(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- writing
+def save_model(model: nn.Module, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """``model.save_pretrained(directory)``, with ``weights`` (full, gathered from shards) in
+    place of the model's own tensors when given."""
+    if weights is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, state_dict=weights)
+
+
 def save_checkpoint(
     out_dir: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor] | None,
+    optimizer_state: dict[str, Any],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     rng: list[tuple[dict[str, torch.Tensor], list[Any]]],
 ) -> None:
     """Write everything to a temporary directory, then swap it in: a crash mid-write leaves the
-    previous checkpoint intact. ``rng``: every rank's :func:`rng_state`, in rank order; rank 0's
-    goes where a single-process run puts it, and a multi-process run also stores the list."""
+    previous checkpoint intact. ``weights``: as for :func:`save_model`; ``optimizer_state``: a
+    full ``optimizer.state_dict()``. ``rng``: every rank's :func:`rng_state`, in rank order; rank
+    0's goes where a single-process run puts it, and a multi-process run also stores the list."""
     final = out_dir / CHECKPOINT_DIR
     tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", dir=out_dir))
     try:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, weights)
         rng_tensors, py_rng = rng[0]
         tensors: dict[str, Any] = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_tensors,
         }
@@ -124,7 +138,10 @@ def save_checkpoint(
 # ---------------------------------------------------------------------------------- reading
 # TrainConfig fields added after the first checkpoints were written: a checkpoint without one
 # was written with its default.
-_NEW_FIELDS = {"grad_accum": 1}
+_NEW_FIELDS = {"grad_accum": 1, "parallel": "ddp"}
+# Fields a resume may change: the files are the same for every `parallel`, and only the batch
+# indices and RNG streams (world size, grad_accum) must stay.
+_RESUMABLE = ("steps", "parallel")
 
 
 _HF_BOOKKEEPING = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
@@ -189,13 +206,13 @@ def load_checkpoint(
     saved_config = {**_NEW_FIELDS, **saved_config}
     diff = sorted(
         k for k in current.keys() | saved_config.keys()
-        if k != "steps" and current.get(k) != saved_config.get(k)
+        if k not in _RESUMABLE and current.get(k) != saved_config.get(k)
     )  # fmt: skip
     if diff:
         detail = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in diff)
         raise CheckpointMismatch(
             f"cannot resume: TrainConfig differs from the checkpoint's ({detail}); only `steps` "
-            "may change on resume"
+            "and `parallel` may change on resume"
         )
     if state["world_size"] != context.world_size:
         raise CheckpointMismatch(

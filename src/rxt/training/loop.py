@@ -16,7 +16,7 @@ resets optimiser state; frozen parameters simply get no gradient and AdamW skips
 learning-rate schedule (linear warm-up, then cosine to ``min_lr_ratio * lr``), gradient
 clipping, bf16 autocast on CUDA, logging (``log.jsonl``, a progress bar, TensorBoard when
 installed; :mod:`rxt.training.log`) and checkpoints (``out_dir/checkpoint/``, layout in
-:mod:`rxt.training.checkpoint`). DDP wrapping is :mod:`rxt.training.parallel`.
+:mod:`rxt.training.checkpoint`). DDP and FSDP2 are :mod:`rxt.training.parallel`.
 
 Resuming restores the whole checkpoint, so on CPU N steps straight equal K steps + resume
 + N − K steps bit for bit (weights and log lines; only timing fields differ).
@@ -30,19 +30,22 @@ and depends only on W · A: one process with ``grad_accum=2`` sees the same data
 with ``grad_accum=1`` and takes the same step (bit for bit on CPU in the tests, up to float
 summation order in general). With W = A = 1 the loop is exactly the single-process loop.
 
-Launch the same training command under torchrun to train data-parallel (DDP)::
+Launch the same training command under torchrun to train data-parallel::
 
     torchrun --nproc_per_node 4 -m rxt train ...        # 4 GPUs of one node (NCCL)
     torchrun --nproc_per_node 2 -m rxt train ...        # 2 CPU processes (gloo)
 
 :func:`train` reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and joins the process group itself
 (:mod:`rxt.training.distributed`; NCCL when the model is on CUDA, each rank moving it to
-``cuda:LOCAL_RANK``, gloo on CPU). Each step, DDP all-reduces the gradients to their mean over
-ranks; gradient clipping and AdamW then run identically on every rank, so the replicas stay
-equal. The stage's loss runs as the forward of a DDP-wrapped module (stages call model methods,
-not ``model.forward``); DDP registers only the parameters that require grad, so the wrapper is
-rebuilt whenever the stage's trainable set changes (staged unfreezing); all but the last
-micro-batch run under ``no_sync()``.
+``cuda:LOCAL_RANK``, gloo on CPU). ``TrainConfig.parallel`` picks how
+(:mod:`rxt.training.parallel`). ``"ddp"`` (the default) replicates the model and all-reduces
+the gradients to their mean each step, so clipping and AdamW run identically on every rank and
+the replicas stay equal; the stage's loss runs as the forward of a DDP-wrapped module, rebuilt
+whenever the stage's trainable set changes (staged unfreezing); all but the last micro-batch
+run under ``no_sync()``. ``"fsdp"`` shards parameters, gradients and optimiser state over the
+ranks (FSDP2, :mod:`rxt.training.sharding`: models whose training state does not fit one
+device); it cannot run an evaluator and leaves the model sharded. With one process both are
+the single-process loop.
 
 Logged metrics are averaged over micro-batches and ranks (``tokens`` summed, ``tokens_per_s``
 is the whole job's), so the log equals a single-process log with the same effective batch.
@@ -50,20 +53,17 @@ Only rank 0 writes ``log.jsonl``, TensorBoard, the progress bar, checkpoints and
 ``out_dir/model``; the others wait at a barrier after each write. Every rank reads the
 checkpoint on resume, so ``out_dir`` must be on a file system all ranks see (one node: any).
 Rank r seeds its RNGs with ``config.seed`` for r = 0 and a seed derived from it otherwise
-(different dropout masks per rank; the weights need no common seed, DDP broadcasts rank 0's at
+(different dropout masks per rank; the weights need no common seed, rank 0's are broadcast at
 wrap time). Checkpoints store every rank's RNG state (gathered by rank 0: ``rng_ranks`` in
 ``optimizer.pt``, ``python_rng_ranks`` in ``trainer_state.json``) and the world size; resume
-restores each rank's own streams, so it stays exact under DDP, and refuses a different world
-size or ``grad_accum`` (the batch indices and RNG streams depend on both).
-
-Models too large for one device: FSDP2 is the path, not implemented here; what it would change
-is in ``docs/training.md`` ("Models too large for one device (FSDP2): what would change").
+restores each rank's own streams, so it stays exact, and refuses a different world size or
+``grad_accum`` (the batch indices and RNG streams depend on both). A checkpoint holds full
+weights and optimiser state under either ``parallel``, and may resume under the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -87,12 +87,18 @@ from rxt.training import distributed as dist_utils
 # re-exported (the `as` form) from the modules that now own them.
 from rxt.training.checkpoint import CHECKPOINT_DIR as CHECKPOINT_DIR
 from rxt.training.checkpoint import CheckpointMismatch as CheckpointMismatch
-from rxt.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from rxt.training.checkpoint import (
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    save_model,
+)
 from rxt.training.distributed import DistributedContext
 from rxt.training.log import EVAL_FILE as EVAL_FILE
 from rxt.training.log import LOG_FILE as LOG_FILE
 from rxt.training.log import Logger, truncate_log
-from rxt.training.parallel import data_parallel, rank_seed, release
+from rxt.training.parallel import PARALLEL, parallelism, rank_seed
 from rxt.validated import Validated
 
 __all__ = [
@@ -124,6 +130,7 @@ class TrainConfig(Validated):
     log_every: int = 10
     checkpoint_every: int = 0  # 0 = only at the end
     grad_accum: int = 1  # micro-batches per optimiser step, per process (module docstring)
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards)
 
     def validate(self) -> None:
         self.require("steps", self.steps >= 1, "must be >= 1")
@@ -131,6 +138,7 @@ class TrainConfig(Validated):
         self.require("log_every", self.log_every >= 1, "must be >= 1")
         self.require("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0")
         self.require("grad_accum", self.grad_accum >= 1, "must be >= 1")
+        self.require("parallel", self.parallel in PARALLEL, f"must be one of {PARALLEL}")
         for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
             self.require(name, getattr(self, name) >= 0, "must be >= 0")
         self.require("lr", self.lr > 0, "must be > 0")
@@ -143,6 +151,11 @@ class TrainConfig(Validated):
 
 
 class Stage(Protocol):
+    """Optional attribute ``varying_calls``: names of the model's modules that a step may call
+    a batch-dependent number of times (``("memory_attention",)``); FSDP2 shards the layers of
+    the others one by one, and keeps these, or all if the attribute is missing, in one unit
+    (:mod:`rxt.training.sharding`)."""
+
     name: str
 
     def trainable(self, model: nn.Module, step: int) -> list[nn.Parameter]: ...
@@ -240,6 +253,11 @@ def train(
         model.to(context.device)
     if evaluator is not None and (type(evaluator.every) is not int or evaluator.every < 1):
         raise ValueError(f"evaluator.every: must be an int >= 1, got {evaluator.every!r}")
+    if evaluator is not None and config.parallel == "fsdp" and context.distributed:
+        raise ValueError(
+            "TrainConfig.parallel: 'fsdp' cannot run an evaluator (it runs on rank 0 alone, "
+            "and under FSDP no rank holds the whole model); score out_dir/model afterwards"
+        )
     return _train(model, stage, config, Path(out_dir), resume, progress, context, evaluator)
 
 
@@ -259,7 +277,10 @@ def _train(
     main = context.is_main
     world, accum = context.world_size, config.grad_accum
 
-    optimizer = torch.optim.AdamW(
+    if resume:  # the weights go into the model before it is sharded
+        state, payload = load_checkpoint(out_dir, model, stage.name, config, context)
+    parallel = parallelism(config.parallel, model, stage, context)
+    optimizer = torch.optim.AdamW(  # after sharding: FSDP2 replaces the parameters
         param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas
     )
     factor: Callable[[int], float] = lambda s: lr_factor(s, config)  # noqa: E731
@@ -268,9 +289,8 @@ def _train(
     start = 0
     window: dict[str, float] = {}
     if resume:
-        state, payload = load_checkpoint(out_dir, model, stage.name, config, context)
         start = state["step"]
-        optimizer.load_state_dict(payload["optimizer"])
+        parallel.load_optimizer_state(optimizer, payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         restore_rng_state(payload["rng"], state["python_rng"])
         window = {k: float(v) for k, v in state.get("window", {}).items()}
@@ -294,8 +314,9 @@ def _train(
             "window": window,
         }
         rng = dist_utils.all_gather_objects(context, rng_state())
+        weights, optim = parallel.model_state(), parallel.optimizer_state(optimizer)  # all ranks
         if main:
-            save_checkpoint(out_dir, model, optimizer, scheduler, state, rng)
+            save_checkpoint(out_dir, model, weights, optim, scheduler, state, rng)
         dist_utils.barrier(context)  # every rank leaves with the checkpoint on disk
 
     def evaluate(step: int) -> None:
@@ -312,8 +333,6 @@ def _train(
     logger = Logger(out_dir, start, config.steps, progress) if main else None
     flags = [(p, p.requires_grad) for p in model.parameters()]
     last: dict[str, Any] = {}
-    wrapper: nn.Module | None = None
-    wrapped: tuple[int, ...] = ()
     model.train()
     if not resume:
         evaluate(0)
@@ -321,34 +340,25 @@ def _train(
     try:
         for step in range(start, config.steps):
             params = _set_trainable(model, stage.trainable(model, step))
-            if context.distributed and tuple(map(id, params)) != wrapped:
-                if wrapper is not None:  # staged unfreezing: DDP must see the new trainable set
-                    release(wrapper)
-                    wrapper = None
-                    gc.collect()  # free the old reducer's gradient-sized buckets first
-                wrapper, wrapped = data_parallel(model, stage, context), tuple(map(id, params))
+            loss_fn = parallel.loss_fn(params)
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             finite = True
             for micro in range(accum):
                 batch = stage.batch((step * world + context.rank) * accum + micro)
-                sync = wrapper is None or micro == accum - 1
-                with nullcontext() if sync else wrapper.no_sync():  # type: ignore[union-attr]
+                with parallel.micro_batch(last=micro == accum - 1):
                     with _autocast(_model_device(model)):
-                        if wrapper is None:
-                            loss, metrics = stage.loss(model, batch)
-                        else:
-                            loss, metrics = wrapper(batch)
+                        loss, metrics = loss_fn(batch)
                     if not torch.isfinite(loss.detach()).item():
-                        if wrapper is None:
+                        if not context.distributed:
                             raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-                        finite = False  # every rank must still join the gradient all-reduce
+                        finite = False  # every rank must still join the gradient reduction
                     (loss if accum == 1 else loss / accum).backward()
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
             means = _reduce_metrics(context, sums, finite, step, accum * world)
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = parallel.clip_grad_norm(params, max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -383,15 +393,14 @@ def _train(
     finally:
         if logger is not None:
             logger.close()
-        if wrapper is not None:  # the model leaves with no DDP hooks on its parameters
-            release(wrapper)
-            wrapper = None
+        parallel.close()  # the model leaves with no DDP hooks on its parameters
         for p, flag in flags:  # the stage's freezing is for training only
             p.requires_grad_(flag)
 
     model.eval()
+    weights = parallel.model_state()  # every rank: FSDP gathers the shards
     if main:
-        model.save_pretrained(out_dir / "model")
+        save_model(model, out_dir / "model", weights)
     dist_utils.barrier(context)
     if not last and log_path.exists():  # resumed at or past `steps`: nothing left to do
         lines = log_path.read_text(encoding="utf-8").splitlines()

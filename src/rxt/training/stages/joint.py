@@ -277,6 +277,10 @@ class JointStage:
     ``(seed, e)``.
     """
 
+    # Every step runs the encoder once and the decoder once, whatever the batch: FSDP2 may
+    # shard every layer (rxt.training.sharding).
+    varying_calls: tuple[str, ...] = ()
+
     def __init__(
         self,
         sequences: Sequence[Sequence[int] | tuple[Sequence[int], Sequence[int]]],

@@ -181,6 +181,9 @@ class MemoryPretrainStage:
     """
 
     name = "memory"
+    # One memory update per turn of the longest dialogue of the batch: FSDP2 keeps the memory
+    # attention whole (rxt.training.sharding); the frozen encoder runs once per batch.
+    varying_calls = ("memory_attention",)
 
     def __init__(
         self,

@@ -262,6 +262,15 @@ class SmatStage:
         self.config = config
         self.seed = seed
 
+    @property
+    def varying_calls(self) -> tuple[str, ...]:
+        """Modules a step calls a batch-dependent number of times (FSDP2 keeps them whole,
+        :mod:`rxt.training.sharding`): the encoder (only when some dialogue has a second turn
+        or a system prompt) and memory attention (once per turn of the longest dialogue); the
+        decoder too with length groups (one call per group, and the rows are the turns)."""
+        grouped = ("decoder",) if self.config.length_groups > 1 else ()
+        return ("encoder", "memory_attention", *grouped)
+
     # ------------------------------------------------------------------ data
     def batch(self, index: int) -> SmatBatch:
         rows = self._stream.rows(index, self.config.batch_size)

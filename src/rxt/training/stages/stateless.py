@@ -106,6 +106,13 @@ class StatelessStage:
         self.name = f"stateless-{mode}"
 
     @property
+    def varying_calls(self) -> tuple[str, ...]:
+        """With length groups, "current" rows are the batch's turns, so the number of groups,
+        one call of the Llama each, depends on the batch: FSDP2 then keeps its layers whole
+        (:mod:`rxt.training.sharding`). "full" has one row per dialogue: a fixed count."""
+        return ("model",) if self.length_groups > 1 and self.mode == "current" else ()
+
+    @property
     def longest(self) -> int:
         """Length of the longest sequence this stage can produce with ``max_len=None``: the
         context a model needs to train on every dialogue whole (a pass over all dialogues)."""
