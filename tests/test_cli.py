@@ -37,6 +37,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
         assert set(entry) >= {"recall_by_distance", "perplexity", "accuracy", "reward"}
         assert all(0 <= v <= 1 for v in entry["recall_by_distance"].values())
     assert report["ablations"] == {}  # behind --ablations (test_demo_ablations_flag)
+    assert report["budget"] is None  # --quick runs its fixed steps unless given --budget
     assert set(report["long"]) >= {"rxt", "rxt-memory-off", "stateless-full-history"}
     assert set(report["learning_curves"]) == {"rxt", "stateless-full-history"}
     assert all(len(points) >= 2 for points in report["learning_curves"].values())
@@ -80,6 +81,38 @@ def test_demo_quick_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     model = ReactiveTransformer.from_pretrained(tmp_path / "rxt")
     assert model.tokenizer is not None and model.tokenizer.prefix_space  # DemoPlan.prefix_space
     assert "report:" in out
+
+
+def test_demo_with_a_budget_times_the_main_stages_then_sizes_them(tmp_path):
+    assert main(["demo", "--quick", "--budget", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    budget, steps = report["budget"], report["settings"]["smat_steps"]
+    assert budget["steps"] == steps and budget["budget_s"] == 60
+    assert set(budget["per_step_s"]) == {"smat", "stateless-full", "stateless-current"}
+    assert all(v > 0 for v in budget["per_step_s"].values()) and budget["actual_total_s"] > 0
+    stages = yaml.safe_load((tmp_path / "recipe.yaml").read_text())["stages"]
+    # The recipe on disk is the one that ran: the chosen steps for all three main stages.
+    assert {
+        stages[n]["train"]["steps"] for n in ("smat", "stateless-full", "stateless-current")
+    } == {steps}
+    assert report["training"]["smat"]["steps"] == steps
+    for timing in ("calibrate-smat", "calibrate-stateless-full", "calibrate-stateless-current"):
+        assert (tmp_path / "runs" / timing / "log.jsonl").is_file()
+    assert "as many as the 1.0-minute budget allowed" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget", "0"], "--budget must be > 0"),
+        (["--smat-steps", "0"], "--smat-steps must be >= 1"),
+        (["--budget", "5", "--smat-steps", "10"], "give one"),
+        (["--long", "--budget", "5"], "--long trains a fixed"),
+    ],
+)
+def test_demo_budget_flags_are_checked(argv, message, capsys):
+    assert main(["demo", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_demo_ablations_flag_adds_the_two_ablations(tmp_path):

@@ -21,7 +21,7 @@ import dataclasses
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,18 @@ from rxt.data.probes import (
     generate_splits,
 )
 from rxt.demo.jobs import Task, run_tasks
-from rxt.demo.plan import DemoPlan, data_files, jobs, recipe
+from rxt.demo.plan import CALIBRATION, SIZED, DemoPlan, data_files, jobs, recipe
 from rxt.demo.report import write_report
 
-__all__ = ["build_data", "real_text", "run_demo", "run_jobs", "train_tokenizer", "write_run"]
+__all__ = [
+    "build_data",
+    "real_text",
+    "run_demo",
+    "run_jobs",
+    "train_tokenizer",
+    "write_recipe",
+    "write_run",
+]
 
 REAL_TEXT = ("shakespeare", "chitchat")
 SHAKESPEARE_TEST_PLAYS = ("hamlet", "tempest")
@@ -143,13 +151,18 @@ def write_run(plan: DemoPlan, out: Path, seed: int) -> dict[str, Any]:
     """A run directory's data (:func:`build_data`) and ``recipe.yaml`` (``plan``'s recipe, seeded
     with ``seed``); returns the data counts. One layout for ``rxt demo``, each ``--long`` seed and
     ``benchmarks/decoder_split.py``."""
+    data = build_data(plan, out / "data", seed)
+    write_recipe(plan, out, data, seed)
+    return data
+
+
+def write_recipe(plan: DemoPlan, out: Path, data: dict[str, Any], seed: int) -> None:
+    """``out/recipe.yaml``: ``plan``'s recipe over the files :func:`build_data` wrote."""
     import yaml
 
-    data = build_data(plan, out / "data", seed)
     spec = recipe(plan, data_files(out, real_text(data)), seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    return data
 
 
 def train_tokenizer(plan: DemoPlan, out: Path, data: dict[str, Any]) -> None:
@@ -186,12 +199,17 @@ def run_jobs(
     corpora: tuple[str, ...] = (),
     prefix: str = "",
     skip: tuple[str, ...] = (),
+    only: Collection[str] | None = None,
 ) -> list[Task]:
     """Training and evaluation jobs of one run in ``out``. ``corpora``: the real-text corpora
     whose test split every system is evaluated on (:func:`real_text`); ``prefix`` names its tasks
     apart from another run's in the same scheduler (``rxt demo --long``: one run per seed);
-    ``skip``: jobs and evaluations (by system name) to leave out."""
+    ``skip``: jobs and evaluations (by system name) to leave out; ``only``: run just these
+    training jobs (and the evaluations of their models), those they wait for having run before
+    (the budgeted demo's two phases)."""
     runs = out / "runs"
+    planned = [j for j in jobs(plan) if only is None or j.name in only]
+    selected = {j.name for j in planned}
     tasks = [
         Task(
             prefix + job.name,
@@ -206,11 +224,11 @@ def run_jobs(
                 "1",
                 "--no-progress",
             ),
-            after=tuple(prefix + a for a in job.after),
+            after=tuple(prefix + a for a in job.after if a in selected),
             steps=job.steps,
             log_jsonl=runs / job.name / "log.jsonl",
         )
-        for job in jobs(plan)
+        for job in planned
         if job.name not in skip
     ]
 
@@ -250,7 +268,50 @@ def run_jobs(
             evaluate(f"{corpus}-stateless-current", "stateless-current", data, "--no-reward"),
         ]
     skipped = {prefix + name for name in skip}
-    return [t for t in tasks if not (set(t.after) & skipped)]
+    trained = {prefix + name for name in selected}
+    return [
+        t
+        for t in tasks
+        if not (set(t.after) & skipped)
+        and (not t.name.startswith(f"{prefix}eval-") or set(t.after) <= trained)
+    ]
+
+
+def _fit_budget(
+    plan: DemoPlan, out: Path, started: float, workers: int
+) -> tuple[DemoPlan, dict[str, Any]]:
+    """The plan with the SMAT steps the rest of the budget allows (:mod:`rxt.demo.budget`),
+    from the timing runs' logs; and what was measured and chosen, for the report."""
+    from rxt.demo.budget import choose_steps, seconds_per_step
+
+    per_step = {
+        main: seconds_per_step(out / "runs" / timing / "log.jsonl")
+        for timing, main in CALIBRATION.items()
+    }
+    order = [j.name for j in jobs(plan) if j.name in SIZED]
+    for name in order:  # the ablations run SMAT's stage: timed as SMAT
+        per_step.setdefault(name, per_step["smat"])
+    elapsed = time.perf_counter() - started
+    choice = choose_steps(
+        plan.budget_s,
+        elapsed,
+        per_step,
+        order,
+        workers,
+        low=plan.min_smat_steps,
+        high=plan.max_smat_steps,
+    )
+    steps = choice.steps
+    plan = dataclasses.replace(plan, smat_steps=steps, eval_every=max(1, steps // 4))
+    minutes = plan.budget_s / 60
+    summary = (
+        f"budget {minutes:.1f} min: {steps} SMAT steps per system, predicted to end at "
+        f"{choice.predicted_total_s / 60:.1f} min"
+    )
+    if not choice.fits:
+        summary += f" (the minimum, {plan.min_smat_steps}, does not fit: this machine is slow)"
+    report = {"budget_s": plan.budget_s, "elapsed_at_choice_s": round(elapsed, 1)}
+    return plan, {**report, **choice.to_dict(), "summary": summary}
 
 
 def _latency(plan: DemoPlan, model_dir: Path) -> list[dict[str, Any]]:
@@ -326,13 +387,27 @@ def run_demo(
     where = f"{workers} worker processes" if workers else "in this process"
     step(f"3/7 training and evaluation ({where}, logs in {out / 'logs'})")
     clock = time.perf_counter()
-    job_times = run_tasks(
-        run_jobs(plan, out, corpora),
-        out / "logs",
-        workers=workers,
-        progress=progress,
-        in_process=in_process,
-    )
+
+    def run(only: Collection[str] | None, description: str) -> dict[str, float]:
+        tasks = run_jobs(plan, out, corpora, only=only)
+        return run_tasks(
+            tasks,
+            out / "logs",
+            workers=workers,
+            progress=progress,
+            description=description,
+            in_process=in_process,
+        )
+
+    budget = None
+    if plan.budget_s is None:
+        job_times = run(None, "training")
+    else:  # fixed-length stages and timing runs first, then as many steps as the budget allows
+        job_times = run({j.name for j in jobs(plan) if j.name not in SIZED}, "fixed stages")
+        plan, budget = _fit_budget(plan, out, started, workers)
+        write_recipe(plan, out, data, seed)
+        print(f"      {budget['summary']}", flush=True)
+        job_times.update(run(SIZED, "training"))
     timings["train_and_eval"] = time.perf_counter() - clock
 
     rxt_dir = out / "rxt"
@@ -352,7 +427,9 @@ def run_demo(
 
     step("6/7 report")
     timings["total"] = time.perf_counter() - started
-    report = write_report(out, plan, data, job_times, latency, timings, conversation)
+    if budget is not None:
+        budget["actual_total_s"] = round(timings["total"], 1)
+    report = write_report(out, plan, data, job_times, latency, timings, conversation, budget)
     step("7/7 done")
     print(report["summary"])
     print(f"report: {out / 'report.md'}; chat with the model: rxt chat {rxt_dir}")

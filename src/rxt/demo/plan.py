@@ -14,6 +14,10 @@ The demo writes an ordinary recipe (``OUT/recipe.yaml``) and runs every stage of
   ``ablation-horizon-1`` (SMAT with gradient horizon 1). Off by default: the 20-minute budget
   goes to the main comparison, RxT against the baselines.
 
+- With a time budget (``budget_s``; ``rxt demo`` sets 18 minutes), ``calibrate-*``: each main
+  stage run briefly from the same model to time its steps; then the main stages get as many
+  steps as the rest of the budget allows (:mod:`rxt.demo.budget`).
+
 SMAT and the full-history baseline log a learning curve (``eval.jsonl``: recall of the
 validation dialogues every ``eval_every`` steps). The training mix holds long dialogues too (up
 to ``long_max_distance`` turns between a fact and its question), and a second test split asks
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoPlan", "Job", "jobs", "model_overrides", "recipe"]
+__all__ = ["CALIBRATION", "SIZED", "DemoPlan", "Job", "jobs", "model_overrides", "recipe"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,14 @@ class DemoPlan:
     sft_steps: int = 200
     memory_steps: int = 150
     warmup_steps: int = 300
-    smat_steps: int = 1100  # fits the 20-minute budget on 2 cores (job times: docs/training.md)
+    # SMAT steps of RxT and of each baseline (the same for all three). With ``budget_s`` set
+    # (``rxt demo``'s default), rxt.demo.budget chooses them instead, from measured step times:
+    # as many as the budget allows, within [min_smat_steps, max_smat_steps].
+    smat_steps: int = 1100
+    budget_s: float | None = None
+    min_smat_steps: int = 500
+    max_smat_steps: int = 12000
+    calibration_steps: int = 40  # steps of each main stage timed before choosing
     batch_size: int = 16
     lr: float = 3e-3
     latency_turns: int = 24
@@ -93,6 +104,9 @@ class DemoPlan:
             memory_steps=3,
             warmup_steps=3,
             smat_steps=4,
+            min_smat_steps=2,
+            max_smat_steps=8,
+            calibration_steps=4,
             batch_size=4,
             latency_turns=4,
             latency_repeats=1,
@@ -118,12 +132,26 @@ class Job:
     after: tuple[str, ...]
 
 
-def _train(steps: int, lr: float) -> dict[str, Any]:
+# The stages as long as SMAT: with a budget, their length is chosen after everything else ran.
+SIZED = frozenset(
+    ("smat", "stateless-full", "stateless-current", "ablation-no-memory", "ablation-horizon-1")
+)
+
+# Each main stage's timing run (only with a budget): the stage, started from the same model,
+# for ``calibration_steps`` steps; what it measures sizes the stage (rxt.demo.budget).
+CALIBRATION = {
+    "calibrate-smat": "smat",
+    "calibrate-stateless-full": "stateless-full",
+    "calibrate-stateless-current": "stateless-current",
+}
+
+
+def _train(steps: int, lr: float, log_every: int = 25) -> dict[str, Any]:
     return {
         "steps": steps,
         "lr": lr,
         "warmup_steps": max(1, min(50, steps // 5)),
-        "log_every": max(1, min(25, steps)),
+        "log_every": max(1, min(log_every, steps)),
     }
 
 
@@ -215,6 +243,13 @@ def recipe(plan: DemoPlan, data: dict[str, list[str]], seed: int = 0) -> dict[st
         }
         if mode == "full":
             stages["stateless-full"]["eval"] = curve
+    if plan.budget_s is not None:
+        steps = plan.calibration_steps
+        for name, main in CALIBRATION.items():
+            # Four log windows: the first holds start-up, the median of the rest is the time.
+            train = _train(steps, plan.lr, log_every=max(1, steps // 4))
+            timing = {k: v for k, v in stages[main].items() if k != "eval"}
+            stages[name] = {**timing, "kind": main, "train": train}
     for stage in stages.values():
         stage["seed"] = seed
         stage["train"]["seed"] = seed
@@ -247,6 +282,16 @@ def jobs(plan: DemoPlan) -> list[Job]:
         Job("stateless-current-warmup", plan.warmup_steps, ()),
         Job("stateless-current", plan.smat_steps, ("stateless-current-warmup",)),
     ]
+    if plan.budget_s is not None:
+        # The baselines' timing runs start once their warm-ups end; the current-turn one also
+        # waits for RxT's warm-up, so it runs beside RxT's: each is timed with the other core
+        # busy, as the stages it sizes will run.
+        k = plan.calibration_steps
+        main += [
+            Job("calibrate-stateless-full", k, ("stateless-full-warmup",)),
+            Job("calibrate-smat", k, ("smat-warmup",)),
+            Job("calibrate-stateless-current", k, ("stateless-current-warmup", "smat-warmup")),
+        ]
     if not plan.ablations:
         return main
     return [

@@ -228,9 +228,11 @@ def write_report(
     latency: list[dict[str, Any]],
     timings: dict[str, float],
     conversation: list[dict[str, Any]] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md and the figures from the eval JSONs under ``out/eval``;
-    ``conversation`` is :func:`rxt.demo.conversation.play_script`'s, when one was played."""
+    ``conversation`` is :func:`rxt.demo.conversation.play_script`'s, when one was played;
+    ``budget``: what the time budget measured and chose (a budgeted run)."""
     from rxt.bench.plot import plot_latency
 
     evals = out / "eval"
@@ -264,6 +266,7 @@ def write_report(
         "data": data,
         "settings": dataclasses.asdict(plan),
         "timings": {k: round(v, 1) for k, v in timings.items()},
+        "budget": budget,
         "environment": environment("cpu"),
     }
     met = sum(t["met"] is True for t in report["targets"])

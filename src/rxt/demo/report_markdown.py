@@ -79,6 +79,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"on {report['environment'].get('cpu_count', '?')} CPU cores.",
         "",
     ]
+    budget = report.get("budget")
+    steps = report["settings"]["smat_steps"]
+    if budget:
+        per_step = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in budget["per_step_s"].items())
+        lines += [
+            f"Training length: {steps} SMAT steps for RxT and each baseline, as many as the "
+            f"{budget['budget_s'] / 60:.1f}-minute budget allowed on this machine (step times "
+            f"measured before choosing: {per_step}; predicted end "
+            f"{budget['predicted_total_s']:.0f} s, actual {budget.get('actual_total_s', 0):.0f} "
+            "s). Another machine trains another number of steps: compare runs by their steps.",
+            "",
+        ]
+    else:
+        lines += [f"Training length: {steps} SMAT steps for RxT and each baseline (fixed).", ""]
     lines += ["## Recall (exact match) by distance, held-out probe dialogues", ""]
     header = (
         "| system | " + " | ".join(f"k={k}" for k in distances) + " | all | ppl | acc | reward |"
