@@ -143,6 +143,29 @@ def test_resume_is_bit_exact(stage, tmp_path):
     assert log_lines(tmp_path / "a") == log_lines(tmp_path / "b")  # step 4 logged once
 
 
+def test_stop_at_then_resume_equals_an_unbroken_run(stage, tmp_path):
+    config = TrainConfig(steps=6, warmup_steps=2, log_every=2)
+    straight = model(dropout=0.1)
+    train(straight, stage, config, tmp_path / "a", progress=False, evaluator=WeightNorm())
+
+    first = train(model(dropout=0.1), stage, config, tmp_path / "b", progress=False,
+                  evaluator=WeightNorm(), stop_at=3)  # fmt: skip
+    assert (tmp_path / "b" / "checkpoint").is_dir() and not (tmp_path / "b" / "model").exists()
+    assert first["step"] == 2  # the last full log window; step 3 waits in the checkpoint
+    resumed = model(dropout=0.1)  # another process: weights come from the checkpoint
+    train(resumed, stage, config, tmp_path / "b", resume=True, progress=False,
+          evaluator=WeightNorm())  # fmt: skip
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_lines(tmp_path / "a") == log_lines(tmp_path / "b")
+    curves = [(tmp_path / d / "eval.jsonl").read_text() for d in ("a", "b")]
+    assert curves[0] == curves[1]
+    for bad in (0, 6, 2.5):
+        with pytest.raises(ValueError, match=r"stop_at: must be an int in \[1, steps=6\)"):
+            train(model(), stage, config, tmp_path / "c", progress=False, stop_at=bad)
+
+
 def test_resume_may_extend_steps(stage, tmp_path):
     train(model(), stage, TrainConfig(steps=2, log_every=1), tmp_path, progress=False)
     result = train(model(), stage, TrainConfig(steps=3, log_every=1), tmp_path, resume=True,

@@ -32,6 +32,7 @@ class Task:
     after: tuple[str, ...] = ()
     steps: int = 0  # training steps (progress); 0 = counts as one unit when done
     log_jsonl: Path | None = None  # where its training steps are logged
+    first_step: int = 0  # the log's step when the job starts (it resumes a stage)
 
 
 def _steps_done(task: Task) -> int:
@@ -42,7 +43,8 @@ def _steps_done(task: Task) -> int:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - 4096))
             lines = fh.read().decode("utf-8", "replace").splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
+        step = int(json.loads(lines[-1])["step"]) if lines else 0
+        return max(step - task.first_step, 0)
     except (ValueError, KeyError, IndexError, OSError):
         return 0  # a line being written
 

@@ -34,8 +34,9 @@ from rxt.data.probes import (
     generate_apart,
     generate_splits,
 )
+from rxt.demo.budget import fit_budget
 from rxt.demo.jobs import Task, run_tasks
-from rxt.demo.plan import CALIBRATION, SIZED, DemoPlan, data_files, jobs, recipe
+from rxt.demo.plan import DemoPlan, by_stage, data_files, jobs, recipe, sized_jobs
 from rxt.demo.report import write_report
 
 __all__ = [
@@ -215,7 +216,7 @@ def run_jobs(
             prefix + job.name,
             (
                 "train",
-                job.name,
+                job.stage,
                 "--config",
                 str(out / "recipe.yaml"),
                 "--out",
@@ -223,10 +224,13 @@ def run_jobs(
                 "--threads",
                 "1",
                 "--no-progress",
+                *(("--stop-at", str(job.stop_at)) if job.stop_at is not None else ()),
+                *(("--resume",) if job.first_step else ()),
             ),
             after=tuple(prefix + a for a in job.after if a in selected),
             steps=job.steps,
-            log_jsonl=runs / job.name / "log.jsonl",
+            log_jsonl=runs / job.stage / "log.jsonl",
+            first_step=job.first_step,
         )
         for job in planned
         if job.name not in skip
@@ -275,43 +279,6 @@ def run_jobs(
         if not (set(t.after) & skipped)
         and (not t.name.startswith(f"{prefix}eval-") or set(t.after) <= trained)
     ]
-
-
-def _fit_budget(
-    plan: DemoPlan, out: Path, started: float, workers: int
-) -> tuple[DemoPlan, dict[str, Any]]:
-    """The plan with the SMAT steps the rest of the budget allows (:mod:`rxt.demo.budget`),
-    from the timing runs' logs; and what was measured and chosen, for the report."""
-    from rxt.demo.budget import choose_steps, seconds_per_step
-
-    per_step = {
-        main: seconds_per_step(out / "runs" / timing / "log.jsonl")
-        for timing, main in CALIBRATION.items()
-    }
-    order = [j.name for j in jobs(plan) if j.name in SIZED]
-    for name in order:  # the ablations run SMAT's stage: timed as SMAT
-        per_step.setdefault(name, per_step["smat"])
-    elapsed = time.perf_counter() - started
-    choice = choose_steps(
-        plan.budget_s,
-        elapsed,
-        per_step,
-        order,
-        workers,
-        low=plan.min_smat_steps,
-        high=plan.max_smat_steps,
-    )
-    steps = choice.steps
-    plan = dataclasses.replace(plan, smat_steps=steps, eval_every=max(1, steps // 4))
-    minutes = plan.budget_s / 60
-    summary = (
-        f"budget {minutes:.1f} min: {steps} SMAT steps per system, predicted to end at "
-        f"{choice.predicted_total_s / 60:.1f} min"
-    )
-    if not choice.fits:
-        summary += f" (the minimum, {plan.min_smat_steps}, does not fit: this machine is slow)"
-    report = {"budget_s": plan.budget_s, "elapsed_at_choice_s": round(elapsed, 1)}
-    return plan, {**report, **choice.to_dict(), "summary": summary}
 
 
 def _latency(plan: DemoPlan, model_dir: Path) -> list[dict[str, Any]]:
@@ -403,11 +370,13 @@ def run_demo(
     if plan.budget_s is None:
         job_times = run(None, "training")
     else:  # fixed-length stages and timing runs first, then as many steps as the budget allows
-        job_times = run({j.name for j in jobs(plan) if j.name not in SIZED}, "fixed stages")
-        plan, budget = _fit_budget(plan, out, started, workers)
+        fixed = {j.name for j in jobs(plan)} - {j.name for j in sized_jobs(plan)}
+        job_times = run(fixed, "fixed stages")
+        plan, budget = fit_budget(plan, out, time.perf_counter() - started, workers)
         write_recipe(plan, out, data, seed)
         print(f"      {budget['summary']}", flush=True)
-        job_times.update(run(SIZED, "training"))
+        job_times.update(run({j.name for j in sized_jobs(plan)}, "training"))
+    job_times = by_stage(job_times, plan)  # a stage cut in two parts: one time
     timings["train_and_eval"] = time.perf_counter() - clock
 
     rxt_dir = out / "rxt"

@@ -31,7 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CALIBRATION", "SIZED", "DemoPlan", "Job", "jobs", "model_overrides", "recipe"]
+__all__ = [
+    "CALIBRATION",
+    "SIZED",
+    "DemoPlan",
+    "Job",
+    "by_stage",
+    "jobs",
+    "model_overrides",
+    "recipe",
+    "sized_jobs",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,10 @@ class DemoPlan:
     min_smat_steps: int = 500
     max_smat_steps: int = 12000
     calibration_steps: int = 40  # steps of each main stage timed before choosing
+    # The full-history baseline's first this-many steps run before the current-turn baseline,
+    # the rest (resumed from a checkpoint) after RxT's SMAT on the other worker, so both
+    # workers end together; rxt.demo.budget sets it from the measured step times. None: whole.
+    full_first_steps: int | None = None
     batch_size: int = 16
     lr: float = 3e-3
     latency_turns: int = 24
@@ -127,9 +141,21 @@ class DemoPlan:
 
 @dataclass(frozen=True)
 class Job:
+    """One ``rxt train`` run: ``steps`` steps of recipe stage ``stage`` (default: ``name``).
+    A stage split in two parts has one job per part: the first stops after ``stop_at`` with a
+    checkpoint, the second resumes it at ``first_step``; stopped and resumed trains exactly as
+    one run (:func:`rxt.training.loop.train`)."""
+
     name: str
     steps: int
     after: tuple[str, ...]
+    stage: str = ""
+    first_step: int = 0
+    stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stage:
+            object.__setattr__(self, "stage", self.name)
 
 
 # The stages as long as SMAT: with a budget, their length is chosen after everything else ran.
@@ -265,12 +291,34 @@ def recipe(plan: DemoPlan, data: dict[str, list[str]], seed: int = 0) -> dict[st
 
 
 def jobs(plan: DemoPlan) -> list[Job]:
-    """Every training stage, with what it waits for, in the order a free worker picks them.
+    """Every training run, with what it waits for, in the order a free worker picks them.
     With two workers (the default), one trains the RxT chain while the other trains the
     full-history baseline and then the current-turn baseline: the chain is listed first, so a
     worker that frees up takes it whenever it is ready. Two one-thread processes on two cores
     trained more steps in the budget than three (measured job times in docs/training.md); the
-    ablations, when asked for, follow."""
+    ablations, when asked for, follow.
+
+    Three main stages on two workers leave one worker idle at the end (RxT's SMAT alone is
+    shorter than both baselines). With ``full_first_steps`` the full-history baseline is cut
+    in two: its first part runs before the current-turn baseline, the rest after RxT's SMAT,
+    on the worker that trained it (McNaughton's wrap-around; :func:`rxt.demo.budget.wrap_split`
+    chooses the cut so both workers end together)."""
+    full = [Job("stateless-full", plan.smat_steps, ("stateless-full-warmup",))]
+    rest: list[Job] = []
+    first = plan.full_first_steps
+    if first is not None:
+        if not 0 < first < plan.smat_steps:
+            raise ValueError(f"full_first_steps: must be in (0, {plan.smat_steps}), got {first}")
+        after = ("stateless-full-warmup",)
+        full = [Job("stateless-full-first", first, after, "stateless-full", stop_at=first)]
+        rest = [
+            Job(
+                "stateless-full",
+                plan.smat_steps - first,
+                ("stateless-full-first",),
+                first_step=first,
+            )
+        ]
     main = [
         Job("joint", plan.joint_steps, ()),
         Job("stateless-full-warmup", plan.warmup_steps, ()),
@@ -278,9 +326,10 @@ def jobs(plan: DemoPlan) -> list[Job]:
         Job("memory", plan.memory_steps, ("sft",)),
         Job("smat-warmup", plan.warmup_steps, ("memory",)),
         Job("smat", plan.smat_steps, ("smat-warmup",)),
-        Job("stateless-full", plan.smat_steps, ("stateless-full-warmup",)),
+        *full,
         Job("stateless-current-warmup", plan.warmup_steps, ()),
         Job("stateless-current", plan.smat_steps, ("stateless-current-warmup",)),
+        *rest,
     ]
     if plan.budget_s is not None:
         # The baselines' timing runs start once their warm-ups end; the current-turn one also
@@ -315,3 +364,17 @@ def data_files(out: Path, corpora: Sequence[str] = ()) -> dict[str, list[str]]:
         "warmup": ["data/warmup.jsonl"],
         "valid": ["data/probes-valid.jsonl"],
     }
+
+
+def sized_jobs(plan: DemoPlan) -> list[Job]:
+    """The jobs of the stages whose length the budget chooses (phase 2), in order."""
+    return [j for j in jobs(plan) if j.stage in SIZED]
+
+
+def by_stage(job_times: dict[str, float], plan: DemoPlan) -> dict[str, float]:
+    """Job times with a stage's parts (a cut full-history baseline) summed under its name."""
+    out = dict(job_times)
+    for job in jobs(plan):
+        if job.name != job.stage and job.name in out:
+            out[job.stage] = out.get(job.stage, 0.0) + out.pop(job.name)
+    return out

@@ -235,12 +235,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     evaluator: Evaluator | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``stage`` for ``config.steps`` optimiser steps (in total, counting the
-    steps of a resumed checkpoint). Returns the last log entry: ``step``, ``lr`` (of that
-    step), ``loss``, ``grad_norm`` (before clipping) and the stage's metrics, each averaged over
-    the log window (and over micro-batches and ranks); ``tokens`` summed over the window (and
-    over micro-batches and ranks) and ``tokens_per_s``. The model is left in eval mode and also
+    steps of a resumed checkpoint). ``stop_at``: end this run after that step instead, with a
+    checkpoint and without ``out_dir/model`` (the stage is unfinished); ``resume=True``
+    continues it. The schedule stays the whole stage's, so a run stopped and resumed trains
+    exactly as an unbroken one (tested): one stage can be split over two workers.
+
+    Returns the last log entry: ``step``, ``lr`` (of that step), ``loss``, ``grad_norm``
+    (before clipping) and the stage's metrics, each averaged over the log window (and over
+    micro-batches and ranks); ``tokens`` summed over the window (and over micro-batches and
+    ranks) and ``tokens_per_s``. The model is left in eval mode and also
     saved to ``out_dir/model`` (with its tokenizer, if attached).
 
     Under torchrun (``WORLD_SIZE`` > 1) every process calls this with the same arguments and
@@ -258,7 +264,10 @@ def train(
             "TrainConfig.parallel: 'fsdp' cannot run an evaluator (it runs on rank 0 alone, "
             "and under FSDP no rank holds the whole model); score out_dir/model afterwards"
         )
-    return _train(model, stage, config, Path(out_dir), resume, progress, context, evaluator)
+    if stop_at is not None and not (type(stop_at) is int and 1 <= stop_at < config.steps):
+        raise ValueError(f"stop_at: must be an int in [1, steps={config.steps}), got {stop_at!r}")
+    end = config.steps if stop_at is None else stop_at
+    return _train(model, stage, config, Path(out_dir), resume, progress, context, evaluator, end)
 
 
 def _train(
@@ -269,7 +278,8 @@ def _train(
     resume: bool,
     progress: bool,
     context: DistributedContext,
-    evaluator: Evaluator | None = None,
+    evaluator: Evaluator | None,
+    end: int,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_FILE
@@ -338,7 +348,7 @@ def _train(
         evaluate(0)
     clock = time.perf_counter()
     try:
-        for step in range(start, config.steps):
+        for step in range(start, end):
             params = _set_trainable(model, stage.trainable(model, step))
             loss_fn = parallel.loss_fn(params)
             optimizer.zero_grad(set_to_none=True)
@@ -386,9 +396,7 @@ def _train(
                 begin = time.perf_counter()
                 evaluate(done)
                 clock += time.perf_counter() - begin  # evaluation is not training throughput
-            if done == config.steps or (
-                config.checkpoint_every and done % config.checkpoint_every == 0
-            ):
+            if done == end or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 checkpoint(done)
     finally:
         if logger is not None:
@@ -398,10 +406,11 @@ def _train(
             p.requires_grad_(flag)
 
     model.eval()
-    weights = parallel.model_state()  # every rank: FSDP gathers the shards
-    if main:
-        save_model(model, out_dir / "model", weights)
-    dist_utils.barrier(context)
+    if end == config.steps:  # else stopped early (stop_at): the checkpoint is the result
+        weights = parallel.model_state()  # every rank: FSDP gathers the shards
+        if main:
+            save_model(model, out_dir / "model", weights)
+        dist_utils.barrier(context)
     if not last and log_path.exists():  # resumed at or past `steps`: nothing left to do
         lines = log_path.read_text(encoding="utf-8").splitlines()
         last = json.loads(lines[-1]) if lines else {}

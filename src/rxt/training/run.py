@@ -222,10 +222,12 @@ def run_stage(
     init: str | None = None,
     progress: bool = True,
     device: str | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` of ``recipe`` into ``out/stage``; returns the last log entry (for the
     tokenizer: its vocabulary size and path). ``device``: where to train (default: CUDA when
-    available, ``cuda:LOCAL_RANK`` under torchrun; else CPU)."""
+    available, ``cuda:LOCAL_RANK`` under torchrun; else CPU). ``stop_at``: end after that step
+    with a checkpoint, to be resumed (:func:`rxt.training.loop.train`)."""
     from rxt.training.distributed import barrier, init_distributed
     from rxt.training.loop import train
 
@@ -259,6 +261,7 @@ def run_stage(
         resume=resume,
         progress=progress,
         evaluator=evaluator,
+        stop_at=stop_at,
     )
 
 
