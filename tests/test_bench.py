@@ -8,8 +8,10 @@ the "next turn waits for the update" case slows the update down to 50 ms.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import itertools
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,11 @@ import pytest
 import torch
 
 from rxt import ReactiveTransformer
+from rxt.bench.common import TurnClock
 from rxt.bench.latency import LatencySettings, format_summary, run_latency, summarise
 from rxt.bench.throughput import ThroughputSettings, run_throughput
 from rxt.cli import main
+from rxt.engine import Conversation
 
 pytest.importorskip("transformers")  # the stateless baseline of `bench latency`
 
@@ -157,6 +161,133 @@ def test_summarise_arithmetic_on_fixed_records() -> None:
     assert "50% hidden" in format_summary(s)
     alone = summarise([records[0]], answer_tokens=5, think=0.1)  # rxt only: no ratios
     assert "stateless" not in alone and "ttft_speedup_last_turn" not in alone
+
+
+# --------------------------------------------------------------------------- what the clock holds
+@pytest.fixture(scope="module")
+def clocked() -> tuple[list[tuple[str, int, bool]], int]:
+    """A latency run with every clock reading, system call, fork and garbage collection logged
+    as ``(event, thread, heap frozen)``; and the calling thread."""
+    from transformers import LlamaForCausalLM
+
+    events: list[tuple[str, int, bool]] = []
+
+    def log(event: str) -> None:
+        events.append((event, threading.get_ident(), gc.get_freeze_count() > 0))
+
+    def wrap(owner: type, name: str, event: str, when=lambda *a: True) -> None:
+        real = getattr(owner, name)
+
+        def logged(self, *args, **kwargs):
+            if when(self):
+                log(event)
+            return real(self, *args, **kwargs)
+
+        patch.setattr(owner, name, logged)
+
+    def collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            log("gc")
+
+    with pytest.MonkeyPatch.context() as patch:
+        wrap(TurnClock, "start", "start")
+        wrap(TurnClock, "token", "first", when=lambda clock: clock.first_at is None)
+        wrap(Conversation, "send", "send")
+        wrap(Conversation, "fork", "fork")
+        wrap(LlamaForCausalLM, "generate", "generate")
+        gc.callbacks.append(collection)
+        try:
+            run_latency(_settings(repeats=2), log=quiet)
+        finally:
+            gc.callbacks.remove(collection)
+    return events, threading.get_ident()
+
+
+def _timed_windows(events: list[tuple[str, int, bool]]) -> list[list[tuple[str, int, bool]]]:
+    """The events from each measured clock start to its first token; the first two starts are
+    the warm-up (``warmup=1``: one baseline run, then one RxT turn)."""
+    starts = [i for i, (event, _, _) in enumerate(events) if event == "start"][2:]
+    windows = []
+    for i in starts:
+        end = next(j for j in range(i, len(events)) if events[j][0] == "first")
+        windows.append(events[i : end + 1])
+    return windows
+
+
+def test_both_systems_are_clocked_from_the_call_to_the_first_token_in_the_callers_hands(
+    clocked,
+) -> None:
+    """The same span for RxT (forked runs and live pass) and the baseline: the clock starts
+    right before the system is handed the prompt, and stops when the *calling* thread holds the
+    first token — not on RxT's engine thread, where the token is made."""
+    events, caller = clocked
+    windows = _timed_windows(events)
+    # two systems x (2 repeats + 1 untimed run) per turn, and RxT once more in the live pass
+    assert len(windows) == TURNS * (2 * 3 + 1)
+    calls = [w[1][0] for w in windows]
+    assert calls.count("send") == TURNS * 4 and calls.count("generate") == TURNS * 3
+    for window in windows:
+        assert [e for e, _, _ in window] == ["start", window[1][0], "first"]  # nothing between
+        assert window[-1][1] == caller
+
+
+def test_no_fork_and_no_full_collection_is_charged_to_a_first_token(clocked) -> None:
+    """Forking the conversation happens before the clock starts, no collection runs in a timed
+    window, and every collection while measuring scans only what was made since the heap was
+    frozen: a full collection just before a run slowed its first token (docs/benchmarks.md)."""
+    events, _ = clocked
+    windows = _timed_windows(events)
+    for window in windows:
+        assert "fork" not in {e for e, _, _ in window} and "gc" not in {e for e, _, _ in window}
+        assert window[0][2], "the heap is frozen while measuring"
+    first = events.index(windows[0][0])
+    last = max(i for i, e in enumerate(events) if e[0] == "first")
+    collections = [frozen for event, _, frozen in events[first:last] if event == "gc"]
+    assert collections and all(collections)
+    assert "fork" in {e for e, _, _ in events[first:last]}
+    assert gc.get_freeze_count() == 0 and gc.isenabled()  # the process is left as it was
+
+
+def test_every_first_token_reported_followed_a_turn_of_the_same_system(monkeypatch) -> None:
+    """A user's turn follows that system's previous turn: a timed run right after the other
+    system's inherits its state (its weights in the caches, its idle threads) and was slower.
+    Each clock here reads 1 ms after a turn of the same system and 1 s after the other's."""
+    from transformers import LlamaForCausalLM
+
+    last: list[str] = []
+
+    def after(owner: type, name: str, system: str) -> None:
+        real = getattr(owner, name)
+
+        def call(self, *args, **kwargs):
+            TurnClock.same = not last or last[-1] == system  # read by the next clock
+            last.append(system)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, call)
+
+    after(Conversation, "send", "rxt")
+    after(LlamaForCausalLM, "generate", "stateless")
+    seconds = property(lambda self: 1e-3 if TurnClock.same else 1.0)
+    monkeypatch.setattr(TurnClock, "same", True, raising=False)
+    monkeypatch.setattr(TurnClock, "ttft_s", seconds)
+    monkeypatch.setattr(TurnClock, "reply_s", property(lambda self: 2 * self.ttft_s))
+    records = run_latency(_settings(repeats=2), log=quiet)["records"]
+    assert {r["system"] for r in records} == {"rxt", "stateless"}
+    assert all(r["ttft_s"] == 1e-3 for r in records)
+    assert all(r["live_ttft_s"] == 1e-3 for r in _by_system(records, "rxt"))
+
+
+def test_turn_clock_refuses_a_turn_it_did_not_see() -> None:
+    clock = TurnClock()
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = clock.ttft_s
+    clock.start()
+    with pytest.raises(RuntimeError, match="no token"):
+        _ = clock.reply_s
+    clock.token()
+    clock.token()
+    assert clock.tokens == 2 and 0 <= clock.ttft_s <= clock.reply_s
 
 
 # --------------------------------------------------------------------------- live pass, rxt only

@@ -20,7 +20,7 @@ from rxt.demo.report import CONVERSATION_TARGET
 def test_info_json_reports_every_preset(capsys):
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"tiny", "small", "paper-nano"}
+    assert set(report) == {"tiny", "small", "paper-nano", "paper-micro-dense"}
     nano = report["paper-nano"]["parameters"]
     assert nano["active_per_token"] < nano["inference"] < nano["total"]
     flops = report["tiny"]["turn_flops"]

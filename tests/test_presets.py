@@ -24,6 +24,7 @@ COMPONENTS = (
 # Total parameter ranges (paper-nano: the paper's RxT-Alpha Nano has ~12M).
 TOTAL_RANGE = {"tiny": (0, 1_000_000), "small": (4_000_000, 7_000_000)}
 TOTAL_RANGE["paper-nano"] = (10_000_000, 14_000_000)
+TOTAL_RANGE["paper-micro-dense"] = (19_000_000, 19_500_000)
 
 
 def _build(config: RxTConfig, seed: int = 0) -> ReactiveTransformer:
@@ -32,7 +33,30 @@ def _build(config: RxTConfig, seed: int = 0) -> ReactiveTransformer:
 
 
 def test_expected_presets_exist() -> None:
-    assert {"tiny", "small", "paper-nano"} <= set(PRESETS)
+    assert {"tiny", "small", "paper-nano", "paper-micro-dense"} <= set(PRESETS)
+
+
+def test_paper_micro_dense_has_the_authors_sizes_and_17_1m_parameters() -> None:
+    """Issue 15's configuration of the authors' framework: d 256, 6 layers, 8 heads (8 query /
+    8 kv), 64 STM slots, vocabulary 8,192, gated self-interlayer memory attention with an
+    elementwise gate, no MoE; 17.1M parameters at inference."""
+    cfg = RxTConfig.preset("paper-micro-dense")
+    assert (cfg.d_model, cfg.num_layers, cfg.vocab_size) == (256, 6, 8192)
+    assert cfg.stm_shape == (6, 64, 256)
+    for att in (
+        cfg.decoder.self_attention,
+        cfg.decoder.cross_attention,
+        cfg.encoder.self_attention,
+        cfg.memory.attention,
+    ):
+        assert (att.num_heads, att.query_heads, att.kv_heads) == (8, 8, 8)
+    assert cfg.decoder.moe is None
+    assert cfg.memory.variant == "gated-self-interlayer"
+    assert (cfg.memory.gate, cfg.memory.gate_projection) == ("dynamic", "elementwise")
+    with torch.device("meta"):  # sizes only: no weights drawn
+        counts = ReactiveTransformer(cfg).parameter_counts()
+    assert counts["inference"] == 17_064_192  # 17.1M
+    assert counts["total"] == counts["inference"] + counts["mlm_head"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,10 +1,11 @@
-"""What the latency and throughput benchmarks share: the model under test, its queries and a
-few statistics (the environment record is :func:`rxt.results.environment`)."""
+"""What the latency and throughput benchmarks share: the model under test, its queries, the
+clock of a turn and a few statistics (the environment record is :func:`rxt.results.environment`)."""
 
 from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,3 +73,43 @@ class BenchSettings:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+class TurnClock:
+    """One turn timed as its caller sees it, the same way for every system under test.
+
+    :meth:`start` just before the system is handed the turn's prompt ids (RxT's
+    ``Conversation.send``, the baseline's ``generate``), :meth:`token` each time the *calling*
+    thread holds a new token. Time to first token is start → first token in the caller's hands:
+    it includes the system's own hand-offs (RxT's engine thread and back) and nothing the
+    benchmark does around the call (forking a conversation, collecting garbage)."""
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.tokens = 0
+
+    def start(self) -> None:
+        self.started_at = time.perf_counter()
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+        self.last_at = now
+        self.tokens += 1
+
+    @property
+    def ttft_s(self) -> float:
+        return self._since_start(self.first_at)
+
+    @property
+    def reply_s(self) -> float:
+        """Start → the last token in the caller's hands."""
+        return self._since_start(self.last_at)
+
+    def _since_start(self, at: float | None) -> float:
+        if self.started_at is None or at is None:
+            raise RuntimeError("the turn was not started, or no token reached the caller")
+        return at - self.started_at

@@ -11,6 +11,11 @@ Both systems get the same queries (``query_tokens`` ids each) and produce exactl
 - ``stateless``: Hugging Face ``LlamaForCausalLM`` of the same width and depth as the RxT
   decoder (:mod:`rxt.bench.stateless`), whose prompt is the whole history plus the query.
 
+Both systems, and the live pass, are clocked the same way (:class:`~rxt.bench.common.TurnClock`):
+from just before the system is handed the turn's prompt ids until the calling thread holds the
+first (``ttft_s``) and the last (``reply_s``) new token. What the benchmark does around a run —
+forking the conversation, collecting garbage — stays outside the clock and away from its start.
+
 Output: a list of records ``{system, turn, prompt_tokens, ttft_s, reply_s, memory_update_s, ...}``.
 """
 
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rxt.bench.common import BenchSettings, load_or_build, median, random_queries
+from rxt.bench.common import BenchSettings, TurnClock, load_or_build, median, random_queries
 from rxt.engine import Conversation, Engine
 from rxt.results import environment
 from rxt.tokenizer import SPECIAL_TOKENS
@@ -46,11 +51,26 @@ class LatencySettings(BenchSettings):
 
 
 @contextmanager
-def _no_gc_pause() -> Iterator[None]:
-    """Collect garbage before a timed run and none during it, for both systems alike: a
-    full collection of the heap (the transformers baseline has a large one) takes several ms
-    and would land in whichever run happened to trigger it."""
+def _frozen_heap() -> Iterator[None]:
+    """Move everything built so far (both models, the tokenizer, transformers' modules) out of
+    the collector's generations for the measurement, as ``rxt serve`` does once it has loaded:
+    the collections between timed runs then scan only the few objects made since.
+
+    A full collection before every run instead (350k objects, 70-110 ms with the demo's models
+    on a 2-core Xeon) left the next first token of either system 0.7-0.85 ms slower (1.6-1.7 ms
+    at ``paper-micro-dense``; docs/benchmarks.md): a cost of the benchmark, not of the systems."""
     gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextmanager
+def _no_gc_pause() -> Iterator[None]:
+    """No collection inside a timed run, for both systems alike: one landing in a run would be
+    charged to whichever system happened to trigger it."""
     gc.disable()
     try:
         yield
@@ -58,39 +78,48 @@ def _no_gc_pause() -> Iterator[None]:
         gc.enable()
 
 
-def _timed_turn(conv: Conversation, query: list[int], answer_tokens: int) -> tuple[float, float]:
-    """Caller-side (ttft, reply) of one forced-length greedy turn."""
-    start = time.perf_counter()
-    first = None
+def _timed_turn(conv: Conversation, query: list[int], answer_tokens: int):
+    """One forced-length greedy turn clocked in the caller's thread (:class:`TurnClock`);
+    returns the clock and the consumed stream."""
+    clock = TurnClock()
+    clock.start()
     stream = conv.send(
         query, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens, stop_at_eos=False
     )
-    for _ in stream:
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return first - start, end - start
+    for piece in stream:
+        if piece.token_id is not None:  # not the text held back to the end of the answer
+            clock.token()
+    return clock, stream
 
 
 def _measure_turn(conv: Conversation, query: list[int], baseline, prompt, settings) -> list:
-    """Records of one turn: ``repeats`` runs per system, alternating rxt and stateless run by
-    run so that a slow spell of a shared machine hits both; medians. Returns the records and
-    the stateless answer (which joins its history)."""
+    """Records of one turn: ``repeats`` runs of each system, back to back after one untimed run
+    of the same system (medians); the systems take turns turn by turn, so a slow spell of a
+    shared machine still hits both. Returns the records and the stateless answer (which joins
+    its history).
+
+    A user's turn follows that system's previous turn, never the other system's. Run by run
+    alternation charged each system for the other: RxT's first token right after a baseline
+    run took 1.3-1.8x as long as right after its own turn, the baseline's right after RxT's
+    1.1-1.3x (benchmarks/ttft_clock.py, docs/benchmarks.md)."""
     rxt: dict[str, list[float]] = {"ttft": [], "reply": [], "update": []}
-    runs = []
-    for _ in range(settings.repeats):
+    for run in range(settings.repeats + 1):
         fork = conv.fork()  # RxT answers from STM_{t-1}; the fork is thrown away
         with _no_gc_pause():
-            ttft, reply = _timed_turn(fork, query, settings.answer_tokens)
+            clock, _ = _timed_turn(fork, query, settings.answer_tokens)
             fork.wait(timeout=60)
-        rxt["ttft"].append(ttft)
-        rxt["reply"].append(reply)
-        rxt["update"].append(fork.last_update.duration_s)
-        if baseline is not None:
-            from rxt.bench.stateless import timed_generate
+        if run:  # run 0 is untimed: it may follow the other system
+            rxt["ttft"].append(clock.ttft_s)
+            rxt["reply"].append(clock.reply_s)
+            rxt["update"].append(fork.last_update.duration_s)
+    runs = []
+    if baseline is not None:
+        from rxt.bench.stateless import timed_generate
 
+        for _ in range(settings.repeats + 1):
             with _no_gc_pause():
                 runs.append(timed_generate(baseline, prompt, new_tokens=settings.answer_tokens))
+        runs = runs[1:]
     rxt_prompt = len(query) + 3  # [BOS][Q] query [A]
     records = [
         {
@@ -117,23 +146,40 @@ def _measure_turn(conv: Conversation, query: list[int], baseline, prompt, settin
     return records, (runs[-1].new_token_ids if runs else [])
 
 
+def _forked_turns(engine: Engine, queries, baseline, settings: LatencySettings, log) -> list:
+    """Every turn measured from forks of one conversation (:func:`_measure_turn`), which then
+    answers the turn itself so the next one starts from STM_t."""
+    conv = engine.conversation(seed=settings.seed)
+    history: list[int] = []
+    records: list[dict] = []
+    for turn, query in enumerate(queries, start=1):
+        prompt = [*history, BOS, Q, *query, A]  # stateless: the whole history, then the query
+        turn_records, answer = _measure_turn(conv, query, baseline, prompt, settings)
+        turn_records = [{"turn": turn, **r} for r in turn_records]
+        n = settings.answer_tokens
+        conv.ask(query, max_new_tokens=n, min_new_tokens=n)
+        history = [*prompt, *answer, EOS]
+        records += turn_records
+        if turn == 1 or turn % 8 == 0 or turn == len(queries):
+            times = (f"{r['system']} ttft {r['ttft_s'] * 1e3:7.2f} ms" for r in turn_records)
+            log(f"  turn {turn:>3}: " + ", ".join(times))
+    return records
+
+
 def _live_pass(engine: Engine, settings: LatencySettings, queries, think: float) -> list[dict]:
-    """Turns sent like a user would: the next query ``think`` seconds after the answer ended."""
+    """Turns sent like a user would: the next query ``think`` seconds after the answer ended,
+    each clocked like the forked runs (so ``live_ttft_s`` and ``ttft_s`` are the same span)."""
     conv = engine.conversation(seed=settings.seed)
     rows, streams = [], []
     previous_end = None
     for turn, query in enumerate(queries, start=1):
         if previous_end is not None:
             time.sleep(max(0.0, previous_end + think - time.perf_counter()))
-        stream = conv.send(
-            query,
-            max_new_tokens=settings.answer_tokens,
-            min_new_tokens=settings.answer_tokens,
-            stop_at_eos=False,
-        )
-        result = stream.result()
+        with _no_gc_pause():
+            clock, stream = _timed_turn(conv, query, settings.answer_tokens)
         previous_end = time.perf_counter()
-        rows.append({"turn": turn, "live_ttft_s": result.ttft_s, "waited_s": result.waited_s})
+        result = stream.result()
+        rows.append({"turn": turn, "live_ttft_s": clock.ttft_s, "waited_s": result.waited_s})
         streams.append(stream)
     conv.wait(timeout=60)
     for row, stream in zip(rows, streams, strict=True):
@@ -159,7 +205,6 @@ def run_latency(settings: LatencySettings, log=print) -> dict:
         )
         for query in warm_queries:
             timed_generate(baseline, [BOS, Q, *query, A], new_tokens=s.answer_tokens)
-    records: list[dict] = []
     with Engine(model) as engine:
         warm = engine.conversation(seed=s.seed)
         warm_updates = []
@@ -174,23 +219,9 @@ def run_latency(settings: LatencySettings, log=print) -> dict:
             f"{config.d_model}-wide, {config.num_layers}-layer decoders; {s.turns} turns of "
             f"{s.query_tokens} + {s.answer_tokens} tokens; think time {think * 1e3:.1f} ms"
         )
-        conv = engine.conversation(seed=s.seed)
-        history: list[int] = []
-        for turn, query in enumerate(queries, start=1):
-            prompt = [*history, BOS, Q, *query, A]  # stateless: the whole history, then the query
-            turn_records, answer = _measure_turn(conv, query, baseline, prompt, s)
-            turn_records = [{"turn": turn, **r} for r in turn_records]
-            conv.ask(query, max_new_tokens=s.answer_tokens, min_new_tokens=s.answer_tokens)
-            history = [*prompt, *answer, EOS]
-            records += turn_records
-            if turn == 1 or turn % 8 == 0 or turn == len(queries):
-                log(
-                    f"  turn {turn:>3}: "
-                    + ", ".join(
-                        f"{r['system']} ttft {r['ttft_s'] * 1e3:7.2f} ms" for r in turn_records
-                    )
-                )
-        live = _live_pass(engine, s, queries, think)
+        with _frozen_heap():
+            records = _forked_turns(engine, queries, baseline, s, log)
+            live = _live_pass(engine, s, queries, think)
     for record in records:
         if record["system"] != "rxt":
             continue

@@ -29,7 +29,6 @@ early), so two runs with the same lengths do the same work.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from rxt.baselines.llama import BOS_ID, EOS_ID, PAD_ID, llama_config_for
+from rxt.bench.common import TurnClock
 from rxt.config import RxTConfig
 
 __all__ = [
@@ -92,27 +92,29 @@ class TimedGeneration:
     """One timed ``generate`` call of the baseline."""
 
     prompt_tokens: int  # tokens the model had to read before answering
-    ttft_s: float  # time to first token: from the call until the first new token exists
-    reply_s: float  # the whole call, until all new ids are on the host
+    ttft_s: float  # time to first token: from the call until the caller holds the first new one
+    reply_s: float  # from the call until the caller holds the last new token
     new_token_ids: list[int]
 
 
-class _FirstTokenClock(BaseStreamer):
-    """Notes when ``generate`` hands over its first new token.
+class _TokenClock(BaseStreamer):
+    """Tells a :class:`~rxt.bench.common.TurnClock` when ``generate`` hands over each new token.
 
-    ``generate`` calls ``put`` once with the prompt, then once per new token (moved to the
-    CPU, so on an accelerator the token has been computed by then). On MPS, transformers
-    streams one step late, which would overstate the time to first token by one step.
+    ``generate`` calls ``put`` once with the prompt, then once per new token, on the calling
+    thread and with the token already on the host (so on an accelerator it has been computed by
+    then): the token is in the caller's hands, as RxT's are when its stream yields them. On MPS,
+    transformers streams one step late, which would overstate the time to first token by one
+    step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: TurnClock) -> None:
+        self.clock = clock
         self.calls = 0
-        self.first_token_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         self.calls += 1
-        if self.calls == 2:
-            self.first_token_at = time.perf_counter()
+        if self.calls > 1:
+            self.clock.token()
 
     def end(self) -> None:
         pass
@@ -166,23 +168,22 @@ def timed_generate(
     gen = _generation_config(model, new_tokens)
     input_ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     attention_mask = torch.ones_like(input_ids)
-    clock = _FirstTokenClock()
+    clock = TurnClock()
     with torch.inference_mode():
-        start = time.perf_counter()
+        clock.start()
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=gen,
-            streamer=clock,
+            streamer=_TokenClock(clock),
         )
-        new_ids = out[0, len(prompt) :].tolist()
-        end = time.perf_counter()
-    if len(new_ids) != new_tokens or clock.first_token_at is None:
+    new_ids = out[0, len(prompt) :].tolist()
+    if len(new_ids) != new_tokens or clock.tokens != new_tokens:
         raise RuntimeError(f"generate returned {len(new_ids)} new tokens, expected {new_tokens}")
     return TimedGeneration(
         prompt_tokens=len(prompt),
-        ttft_s=clock.first_token_at - start,
-        reply_s=end - start,
+        ttft_s=clock.ttft_s,
+        reply_s=clock.reply_s,
         new_token_ids=new_ids,
     )
 

@@ -198,7 +198,8 @@ def _latency_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for s, rows in by.items()
     }
-    return {"first_turns": n, "last_turns": n, "ttft_ms": ttft}
+    prompts = {s: rows[-1]["prompt_tokens"] for s, rows in by.items()}
+    return {"first_turns": n, "last_turns": n, "ttft_ms": ttft, "prompt_tokens_last": prompts}
 
 
 def _plot_recall(report: dict[str, Any], path: Path) -> None:
