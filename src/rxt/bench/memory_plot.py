@@ -44,6 +44,18 @@ def _chosen(results: dict, task: str, system: str, rows: list[dict]) -> list[dic
     return [r for r in rows if r["lr"] == lr]
 
 
+def _task_panels(plt, tasks: int):
+    """One panel per task, side by side."""
+    return plt.subplots(1, max(1, tasks), figsize=(5 * max(1, tasks), 4), squeeze=False)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
     """Write the three figures into ``out_dir``; returns their paths."""
     plt = _pyplot()
@@ -55,9 +67,7 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
     tasks = [t for t in config["tasks"] if t in grouped]
     paths = []
 
-    fig, axes = plt.subplots(
-        1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False
-    )
+    fig, axes = _task_panels(plt, len(tasks))
     for ax, task in zip(axes[0], tasks, strict=False):
         for system, rows in sorted(grouped[task].items()):
             rows = [r for r in _chosen(results, task, system, rows) if r["seed"] == seed0]
@@ -82,14 +92,9 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
             ylim=(0, 1.02),
         )
         ax.legend(fontsize=7)
-    paths.append(out_dir / "recall_vs_state.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "recall_vs_state.png"))
 
-    fig, axes = plt.subplots(
-        1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False
-    )
+    fig, axes = _task_panels(plt, len(tasks))
     for ax, task in zip(axes[0], tasks, strict=False):
         for system, rows in sorted(grouped[task].items()):
             rows = [
@@ -109,10 +114,7 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
             ylim=(0, 1.02),
         )
         ax.legend(fontsize=7)
-    paths.append(out_dir / "recall_vs_distance.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "recall_vs_distance.png"))
 
     fig, (flops_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4))
     task = tasks[0] if tasks else None
@@ -132,8 +134,5 @@ def plot_all(results: dict, out_dir: str | Path) -> list[Path]:
         title="state kept between turns",
     )
     flops_ax.legend(fontsize=7)
-    paths.append(out_dir / "cost_vs_turn.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir / "cost_vs_turn.png"))
     return paths

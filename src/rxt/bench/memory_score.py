@@ -90,7 +90,8 @@ def _score_rxt(model: ReactiveTransformer, tokenizer: RxTTokenizer, dialogues, b
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         stm = initial_stm(model, _EVAL_STM_SEED, chunk)
-        for t in range(len(dialogues[chunk[0]].turns)):
+        turns = len(dialogues[chunk[0]].turns)  # the longest: sorted
+        for t in range(turns):
             rows = [k for k in chunk if len(dialogues[k].turns) > t]  # a prefix: sorted
             encoded = [tokenizer.encode_interaction(*_pair(dialogues[k], t)) for k in rows]
             ids, mask = pad_sequences([e.input_ids for e in encoded], pad_id=tokenizer.pad_id)
@@ -99,7 +100,8 @@ def _score_rxt(model: ReactiveTransformer, tokenizer: RxTTokenizer, dialogues, b
             for row, (k, e) in enumerate(zip(rows, encoded, strict=True)):
                 n = len(e.input_ids)
                 hits[k].append(_correct(logits[row, :n], e.input_ids, e.loss_mask))
-            stm = model.update_memory(stm, ids, mask)
+            if t + 1 < turns:  # no turn reads the memory after the last
+                stm = model.update_memory(stm, ids, mask)
     return hits
 
 
